@@ -1,0 +1,63 @@
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use hull_rootfs_builder::initramfs::{write_initramfs, InitramfsSpec};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "hull-rootfs-builder",
+    version,
+    about = "Builds hull guest images"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the guest initramfs (gzip-compressed newc cpio) with the agent as /init.
+    Initramfs {
+        /// Static hull-agent binary.
+        #[arg(long)]
+        agent: PathBuf,
+        /// Static busybox to include as /bin/busybox (for debugging and tests).
+        #[arg(long)]
+        busybox: Option<PathBuf>,
+        /// Extra file, HOST_PATH:GUEST_PATH (repeatable).
+        #[arg(long = "add", value_parser = parse_extra)]
+        extra: Vec<(PathBuf, String)>,
+        /// Output path.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_extra(s: &str) -> Result<(PathBuf, String), String> {
+    let (host, guest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected HOST_PATH:GUEST_PATH"))?;
+    Ok((PathBuf::from(host), guest.to_string()))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Initramfs {
+            agent,
+            busybox,
+            extra,
+            out,
+        } => {
+            write_initramfs(
+                &InitramfsSpec {
+                    agent,
+                    busybox,
+                    extra,
+                },
+                &out,
+            )?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+#!/bin/busybox sh
+# PID 1 of the lab, an emulated KVM host: load modules, put this machine's
+# root (9p, read-only) under a tmpfs overlay, run one job, report its status.
+/bin/busybox --install -s /bin
+export PATH=/bin HOME=/
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+status() { [ -n "$port_status" ] && echo "$*" > "$port_status"; }
+
+while read -r m; do
+    insmod "/modules/$m" || echo "lab: insmod $m failed"
+done < /modules/order
+
+for p in /sys/class/virtio-ports/*; do
+    n="$(cat "$p/name")"
+    case "$n" in
+        hull.stdout) port_stdout="/dev/${p##*/}" ;;
+        hull.stderr) port_stderr="/dev/${p##*/}" ;;
+        hull.status) port_status="/dev/${p##*/}" ;;
+    esac
+done
+
+mkdir -p /host /rw /newroot
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose host /host || {
+    status "error mounting the host file system over 9p"; reboot -f; }
+mount -t tmpfs -o mode=0755 rw /rw
+mkdir -p /rw/upper /rw/work
+if ! mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot; then
+    status "error mounting the overlay"; reboot -f
+fi
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
+mount -t tmpfs shm /newroot/dev/shm
+mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
+mount -t tmpfs -o mode=0755 run /newroot/run
+mkdir -p /newroot/run/hull-lab
+cp /job.sh /newroot/run/hull-lab/job.sh
+hostname hull-lab
+ip link set lo up 2>/dev/null
+
+status "ready $(cut -d' ' -f1 /proc/uptime)"
+chroot /newroot /bin/sh /run/hull-lab/job.sh < /dev/null > "$port_stdout" 2> "$port_stderr"
+status "exit $?"
+sync
+reboot -f

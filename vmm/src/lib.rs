@@ -1,0 +1,1 @@
+//! hull-vmm: the KVM microVM monitor (filled by the hull-vmm issue).
