@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds hull: the workspace, the static guest agent, the guest kernel (cached
+# by content hash outside the clone) and the guest initramfs. Writes the
+# artifact paths to target/hull-artifacts.env (sourced by run.sh and test.sh).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+cargo build --workspace --all-targets
+# The agent is PID 1 of a guest with no libraries: a static glibc binary.
+# (--target keeps the static flag away from build scripts and proc macros.)
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build --release -p hull-agent --target x86_64-unknown-linux-gnu
+agent="$root/target/x86_64-unknown-linux-gnu/release/hull-agent"
+
+kernel="$(guest-kernel/build.sh | tail -n1)"
+initramfs="$root/target/hull-initramfs.cpio.gz"
+target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busybox --out "$initramfs" >/dev/null
+
+cat > target/hull-artifacts.env <<EOT
+export HULL_KERNEL=$kernel
+export HULL_INITRAMFS=$initramfs
+export HULL_AGENT=$agent
+export HULL_BIN_DIR=$root/target/debug
+EOT
+echo "build: kernel $kernel" >&2
+echo "build: initramfs $initramfs ($(sha256sum "$initramfs" | cut -c1-16))" >&2

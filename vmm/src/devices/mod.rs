@@ -1,0 +1,5 @@
+//! Emulated devices: legacy port-I/O devices and virtio devices on virtio-mmio.
+
+pub mod bus;
+pub mod legacy;
+pub mod virtio;
