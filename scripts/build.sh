@@ -16,10 +16,15 @@ agent="$root/target/x86_64-unknown-linux-gnu/release/hull-agent"
 kernel="$(guest-kernel/build.sh | tail -n1)"
 initramfs="$root/target/hull-initramfs.cpio.gz"
 target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busybox --out "$initramfs" >/dev/null
+# The test initramfs adds a test-only init script (selected with rdinit=/test/init.sh).
+test_initramfs="$root/target/hull-test-initramfs.cpio.gz"
+target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busybox \
+    --add "$root/tests/guest/test-init.sh:/test/init.sh" --out "$test_initramfs" >/dev/null
 
 cat > target/hull-artifacts.env <<EOT
 export HULL_KERNEL=$kernel
 export HULL_INITRAMFS=$initramfs
+export HULL_TEST_INITRAMFS=$test_initramfs
 export HULL_AGENT=$agent
 export HULL_BIN_DIR=$root/target/debug
 EOT

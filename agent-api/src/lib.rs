@@ -17,6 +17,14 @@ pub const DEFAULT_AGENT_PORT: u32 = 1024;
 /// Kernel command-line key that sets the agent's vsock port.
 pub const CMDLINE_AGENT_PORT: &str = "hull.agent_port";
 
+/// Kernel command-line key: if set, once ready the agent connects to this
+/// host vsock port (CID 2) and sends [`READY_MARKER`] plus its version, so
+/// the host learns readiness without polling.
+pub const CMDLINE_NOTIFY_PORT: &str = "hull.notify_port";
+
+/// The host's vsock CID.
+pub const HOST_CID: u32 = 2;
+
 /// The line the agent prints on the console once it serves requests.
 pub const READY_MARKER: &str = "hull-agent: ready";
 
@@ -50,27 +58,18 @@ pub fn pong_line(agent_version: &str) -> String {
 /// Returns `Ok(None)` on a clean end of stream before any byte.
 pub fn read_line<R: Read>(r: &mut BufReader<R>) -> io::Result<Option<String>> {
     let mut buf = Vec::new();
-    let n = r
-        .by_ref()
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut buf)?;
+    let n = r.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)?;
     if n == 0 {
         return Ok(None);
     }
     if buf.last() != Some(&b'\n') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            if buf.len() > MAX_LINE {
-                "line too long"
-            } else {
-                "stream ended mid-line"
-            },
+            if buf.len() > MAX_LINE { "line too long" } else { "stream ended mid-line" },
         ));
     }
     buf.pop();
-    String::from_utf8(buf)
-        .map(Some)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))
+    String::from_utf8(buf).map(Some).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))
 }
 
 /// Client side: sends `PING` on an already connected stream and returns the
@@ -78,14 +77,11 @@ pub fn read_line<R: Read>(r: &mut BufReader<R>) -> io::Result<Option<String>> {
 pub fn ping<S: Read + Write>(stream: S) -> io::Result<String> {
     let mut r = BufReader::new(stream);
     r.get_mut().write_all(b"PING\n")?;
-    let line = read_line(&mut r)?
-        .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the stream"))?;
+    let line =
+        read_line(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the stream"))?;
     match line.strip_prefix("PONG ") {
         Some(rest) => Ok(rest.to_string()),
-        None => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("unexpected answer to PING: {line:?}"),
-        )),
+        None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected answer to PING: {line:?}"))),
     }
 }
 
@@ -99,9 +95,7 @@ mod tests {
         assert_eq!(parse_request("PING"), Ok(Request::Ping));
         assert_eq!(parse_request("PING\r"), Ok(Request::Ping));
         assert!(parse_request("").unwrap_err().contains("empty"));
-        assert!(parse_request("DROP TABLE")
-            .unwrap_err()
-            .contains("DROP TABLE"));
+        assert!(parse_request("DROP TABLE").unwrap_err().contains("DROP TABLE"));
     }
 
     #[test]
@@ -113,10 +107,7 @@ mod tests {
 
         let mut r = BufReader::new(Cursor::new(b"PING\nrest".to_vec()));
         assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("PING"));
-        assert_eq!(
-            read_line(&mut r).unwrap_err().to_string(),
-            "stream ended mid-line"
-        );
+        assert_eq!(read_line(&mut r).unwrap_err().to_string(), "stream ended mid-line");
 
         let mut r = BufReader::new(Cursor::new(Vec::new()));
         assert_eq!(read_line(&mut r).unwrap(), None);
@@ -143,17 +134,11 @@ mod tests {
 
     #[test]
     fn ping_round_trip() {
-        let mut d = Duplex {
-            input: Cursor::new(pong_line("9.9").into_bytes()),
-            output: vec![],
-        };
+        let mut d = Duplex { input: Cursor::new(pong_line("9.9").into_bytes()), output: vec![] };
         assert_eq!(ping(&mut d).unwrap(), "9.9 proto=1");
         assert_eq!(d.output, b"PING\n");
 
-        let mut d = Duplex {
-            input: Cursor::new(b"NOPE\n".to_vec()),
-            output: vec![],
-        };
+        let mut d = Duplex { input: Cursor::new(b"NOPE\n".to_vec()), output: vec![] };
         assert!(ping(&mut d).unwrap_err().to_string().contains("NOPE"));
     }
 }

@@ -15,14 +15,8 @@ use std::time::Duration;
 /// Where the agent is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddr {
-    Vsock {
-        cid: u32,
-        port: u32,
-    },
-    Hybrid {
-        socket: std::path::PathBuf,
-        port: u32,
-    },
+    Vsock { cid: u32, port: u32 },
+    Hybrid { socket: std::path::PathBuf, port: u32 },
 }
 
 impl FromStr for AgentAddr {
@@ -32,20 +26,13 @@ impl FromStr for AgentAddr {
         let bad = || format!("{s:?}: expected vsock:CID:PORT or hybrid:SOCKET_PATH:PORT");
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         let (head, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port: u32 = port
-            .parse()
-            .map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
+        let port: u32 = port.parse().map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
         match kind {
             "vsock" => Ok(AgentAddr::Vsock {
-                cid: head
-                    .parse()
-                    .map_err(|_| format!("{s:?}: CID {head:?} is not a number"))?,
+                cid: head.parse().map_err(|_| format!("{s:?}: CID {head:?} is not a number"))?,
                 port,
             }),
-            "hybrid" if !head.is_empty() => Ok(AgentAddr::Hybrid {
-                socket: head.into(),
-                port,
-            }),
+            "hybrid" if !head.is_empty() => Ok(AgentAddr::Hybrid { socket: head.into(), port }),
             _ => Err(bad()),
         }
     }
@@ -60,18 +47,9 @@ pub fn connect_agent(addr: &AgentAddr, timeout: Duration) -> io::Result<UnixStre
 }
 
 pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixStream> {
-    let fd: OwnedFd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    connect(fd.as_raw_fd(), &VsockAddr::new(cid, port)).map_err(|e| {
-        io::Error::new(
-            io::Error::from(e).kind(),
-            format!("vsock connect {cid}:{port}: {e}"),
-        )
-    })?;
+    let fd: OwnedFd = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    connect(fd.as_raw_fd(), &VsockAddr::new(cid, port))
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("vsock connect {cid}:{port}: {e}")))?;
     // A connected stream socket: Read/Write and timeouts work the same as for unix sockets.
     let s = UnixStream::from(fd);
     s.set_read_timeout(Some(timeout))?;
@@ -80,8 +58,8 @@ pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixS
 }
 
 pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+    let mut s =
+        UnixStream::connect(path).map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -92,10 +70,7 @@ pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<U
         if s.read(&mut byte)? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
-                format!(
-                    "{}: closed during CONNECT {port} (nothing listening on that guest port?)",
-                    path.display()
-                ),
+                format!("{}: closed during CONNECT {port} (nothing listening on that guest port?)", path.display()),
             ));
         }
         if byte[0] == b'\n' {
@@ -103,18 +78,12 @@ pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<U
             return if answer.starts_with("OK ") {
                 Ok(s)
             } else {
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("CONNECT {port}: answer {answer:?}"),
-                ))
+                Err(io::Error::new(io::ErrorKind::InvalidData, format!("CONNECT {port}: answer {answer:?}")))
             };
         }
         line.push(byte[0]);
     }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidData,
-        "CONNECT answer too long",
-    ))
+    Err(io::Error::new(io::ErrorKind::InvalidData, "CONNECT answer too long"))
 }
 
 /// Connects and pings, retrying until `deadline` passes (the guest may still be booting).
@@ -149,27 +118,15 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!(
-            "vsock:3:1024".parse(),
-            Ok(AgentAddr::Vsock { cid: 3, port: 1024 })
-        );
+        assert_eq!("vsock:3:1024".parse(), Ok(AgentAddr::Vsock { cid: 3, port: 1024 }));
         assert_eq!(
             "hybrid:/run/a:b.sock:1024".parse(),
-            Ok(AgentAddr::Hybrid {
-                socket: "/run/a:b.sock".into(),
-                port: 1024
-            })
+            Ok(AgentAddr::Hybrid { socket: "/run/a:b.sock".into(), port: 1024 })
         );
-        assert!("vsock:x:1"
-            .parse::<AgentAddr>()
-            .unwrap_err()
-            .contains("CID"));
+        assert!("vsock:x:1".parse::<AgentAddr>().unwrap_err().contains("CID"));
         assert!("tcp:1:2".parse::<AgentAddr>().is_err());
         assert!("hybrid::5".parse::<AgentAddr>().is_err());
-        assert!("vsock:3:port"
-            .parse::<AgentAddr>()
-            .unwrap_err()
-            .contains("port"));
+        assert!("vsock:3:port".parse::<AgentAddr>().unwrap_err().contains("port"));
     }
 
     #[test]
@@ -183,20 +140,13 @@ mod tests {
             assert_eq!(read_ok_line(&mut r).unwrap(), "CONNECT 1024\n");
             r.get_mut().write_all(b"OK 1073741824\n").unwrap();
             assert_eq!(read_ok_line(&mut r).unwrap(), "PING\n");
-            r.get_mut()
-                .write_all(crate::pong_line("1.2.3").as_bytes())
-                .unwrap();
+            r.get_mut().write_all(crate::pong_line("1.2.3").as_bytes()).unwrap();
             // Second connection: refuse.
             let (s, _) = l.accept().unwrap();
             drop(s);
         });
-        let addr = AgentAddr::Hybrid {
-            socket: path.clone(),
-            port: 1024,
-        };
-        let v = connect_agent(&addr, Duration::from_secs(5))
-            .and_then(crate::ping)
-            .unwrap();
+        let addr = AgentAddr::Hybrid { socket: path.clone(), port: 1024 };
+        let v = connect_agent(&addr, Duration::from_secs(5)).and_then(crate::ping).unwrap();
         assert!(v.starts_with("1.2.3"));
         let err = connect_hybrid(&path, 7, Duration::from_secs(5)).unwrap_err();
         assert!(err.to_string().contains("CONNECT 7"), "{err}");

@@ -1,6 +1,6 @@
 //! What PID 1 does before serving: pseudo file systems, zombie reaping, config.
 
-use hull_agent_api::{CMDLINE_AGENT_PORT, DEFAULT_AGENT_PORT};
+use hull_agent_api::{CMDLINE_AGENT_PORT, CMDLINE_NOTIFY_PORT, DEFAULT_AGENT_PORT};
 use nix::mount::{mount, MsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
@@ -9,11 +9,8 @@ use std::time::Duration;
 /// Mounts /proc, /sys and /dev (devtmpfs is not auto-mounted on an initramfs root).
 pub fn mount_pseudo_filesystems() -> Result<(), String> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let table: [(&str, &str, MsFlags); 3] = [
-        ("proc", "/proc", nodev),
-        ("sysfs", "/sys", nodev),
-        ("devtmpfs", "/dev", MsFlags::MS_NOSUID),
-    ];
+    let table: [(&str, &str, MsFlags); 3] =
+        [("proc", "/proc", nodev), ("sysfs", "/sys", nodev), ("devtmpfs", "/dev", MsFlags::MS_NOSUID)];
     let mut errors = Vec::new();
     for (fstype, target, flags) in table {
         let _ = std::fs::create_dir_all(target);
@@ -43,19 +40,24 @@ pub fn spawn_reaper() {
 
 /// The vsock port from `hull.agent_port=N` on the kernel command line.
 pub fn agent_port(cmdline: &str) -> Result<u32, String> {
+    Ok(port_param(cmdline, CMDLINE_AGENT_PORT)?.unwrap_or(DEFAULT_AGENT_PORT))
+}
+
+/// The host port to announce readiness to (`hull.notify_port=N`), if any.
+pub fn notify_port(cmdline: &str) -> Result<Option<u32>, String> {
+    port_param(cmdline, CMDLINE_NOTIFY_PORT)
+}
+
+fn port_param(cmdline: &str, key: &str) -> Result<Option<u32>, String> {
     for word in cmdline.split_whitespace() {
-        if let Some(v) = word
-            .strip_prefix(CMDLINE_AGENT_PORT)
-            .and_then(|r| r.strip_prefix('='))
-        {
-            return v.parse::<u32>().map_err(|_| {
-                format!(
-                    "{CMDLINE_AGENT_PORT}={v:?} on the kernel command line is not a port number"
-                )
-            });
+        if let Some(v) = word.strip_prefix(key).and_then(|r| r.strip_prefix('=')) {
+            return v
+                .parse::<u32>()
+                .map(Some)
+                .map_err(|_| format!("{key}={v:?} on the kernel command line is not a port number"));
         }
     }
-    Ok(DEFAULT_AGENT_PORT)
+    Ok(None)
 }
 
 pub fn power_off() {
@@ -77,5 +79,11 @@ mod tests {
         assert_eq!(agent_port("a hull.agent_port=5000 b"), Ok(5000));
         let err = agent_port("hull.agent_port=http").unwrap_err();
         assert!(err.contains("hull.agent_port=\"http\""), "{err}");
+        assert_eq!(notify_port("quiet"), Ok(None));
+        assert_eq!(notify_port("hull.notify_port=1023"), Ok(Some(1023)));
+        assert!(notify_port("hull.notify_port=-1").is_err());
+        assert_eq!(notify_port("quiet"), Ok(None));
+        assert_eq!(notify_port("hull.notify_port=1023"), Ok(Some(1023)));
+        assert!(notify_port("hull.notify_port=-1").is_err());
     }
 }

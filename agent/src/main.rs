@@ -24,7 +24,14 @@ fn main() -> ExitCode {
             return exit(is_pid1);
         }
     };
-    match server::serve(port) {
+    let notify = match init::notify_port(&cmdline) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("hull-agent: {e}");
+            None
+        }
+    };
+    match server::serve(port, notify) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hull-agent: {e}");

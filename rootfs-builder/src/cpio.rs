@@ -28,12 +28,8 @@ impl Archive {
     pub fn add(&mut self, path: &str, node: Node) -> io::Result<()> {
         let mode = match &node {
             Node::Dir => 0o040755,
-            Node::File {
-                executable: true, ..
-            } => 0o100755,
-            Node::File {
-                executable: false, ..
-            } => 0o100644,
+            Node::File { executable: true, .. } => 0o100755,
+            Node::File { executable: false, .. } => 0o100644,
             Node::Symlink { .. } => 0o120777,
             Node::CharDev { .. } => 0o020600,
         };
@@ -41,11 +37,8 @@ impl Archive {
     }
 
     fn add_with_mode(&mut self, path: &str, node: Node, mode: u32) -> io::Result<()> {
-        let bad = path.is_empty()
-            || path.starts_with('/')
-            || path
-                .split('/')
-                .any(|c| c.is_empty() || c == "." || c == "..");
+        let bad =
+            path.is_empty() || path.starts_with('/') || path.split('/').any(|c| c.is_empty() || c == "." || c == "..");
         if bad {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -121,12 +114,8 @@ fn write_entry<W: Write>(
     name: &str,
     data: &[u8],
 ) -> io::Result<usize> {
-    let data_len = u32::try_from(data.len()).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name}: file over 4 GiB"),
-        )
-    })?;
+    let data_len = u32::try_from(data.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{name}: file over 4 GiB")))?;
     let header = format!(
         "070701{ino:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{data_len:08x}{maj:08x}{min:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
         uid = 0,
@@ -170,14 +159,7 @@ mod tests {
     #[test]
     fn creates_parents_and_refuses_duplicates() {
         let mut a = Archive::new();
-        a.add(
-            "a/b/c",
-            Node::File {
-                data: b"x".to_vec(),
-                executable: false,
-            },
-        )
-        .unwrap();
+        a.add("a/b/c", Node::File { data: b"x".to_vec(), executable: false }).unwrap();
         assert_eq!(a.len(), 3);
         assert!(a.add("a/b/c", Node::Dir).is_err());
         assert!(a.add("a/b/c/d", Node::Dir).is_err());
@@ -187,27 +169,11 @@ mod tests {
     #[test]
     fn output_is_order_independent_and_aligned() {
         let mut a = Archive::new();
-        a.add(
-            "init",
-            Node::File {
-                data: vec![1, 2, 3],
-                executable: true,
-            },
-        )
-        .unwrap();
-        a.add("dev/console", Node::CharDev { major: 5, minor: 1 })
-            .unwrap();
+        a.add("init", Node::File { data: vec![1, 2, 3], executable: true }).unwrap();
+        a.add("dev/console", Node::CharDev { major: 5, minor: 1 }).unwrap();
         let mut b = Archive::new();
-        b.add("dev/console", Node::CharDev { major: 5, minor: 1 })
-            .unwrap();
-        b.add(
-            "init",
-            Node::File {
-                data: vec![1, 2, 3],
-                executable: true,
-            },
-        )
-        .unwrap();
+        b.add("dev/console", Node::CharDev { major: 5, minor: 1 }).unwrap();
+        b.add("init", Node::File { data: vec![1, 2, 3], executable: true }).unwrap();
         let (mut x, mut y) = (Vec::new(), Vec::new());
         a.write_to(&mut x).unwrap();
         b.write_to(&mut y).unwrap();
@@ -217,53 +183,24 @@ mod tests {
         let s = String::from_utf8_lossy(&x);
         assert!(s.contains("TRAILER!!!"));
         // "dev" sorts before "dev/console" before "init".
-        let (d, c, i) = (
-            s.find("dev\0").unwrap(),
-            s.find("dev/console").unwrap(),
-            s.find("init").unwrap(),
-        );
+        let (d, c, i) = (s.find("dev\0").unwrap(), s.find("dev/console").unwrap(), s.find("init").unwrap());
         assert!(d < c && c < i);
     }
 
     /// Cross-check with GNU cpio when it is installed (it is, via scripts/setup.sh).
     #[test]
     fn gnu_cpio_lists_our_archive() {
-        if std::process::Command::new("cpio")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
+        if std::process::Command::new("cpio").arg("--version").output().is_err() {
             panic!("GNU cpio is not installed; run scripts/setup.sh");
         }
         let mut a = Archive::new();
-        a.add(
-            "bin/sh",
-            Node::Symlink {
-                target: "busybox".into(),
-            },
-        )
-        .unwrap();
-        a.add(
-            "init",
-            Node::File {
-                data: b"#!/bin/sh\n".to_vec(),
-                executable: true,
-            },
-        )
-        .unwrap();
+        a.add("bin/sh", Node::Symlink { target: "busybox".into() }).unwrap();
+        a.add("init", Node::File { data: b"#!/bin/sh\n".to_vec(), executable: true }).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.cpio");
         a.write_to(std::fs::File::create(&path).unwrap()).unwrap();
-        let out = std::process::Command::new("cpio")
-            .args(["-it", "--quiet", "-F"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = std::process::Command::new("cpio").args(["-it", "--quiet", "-F"]).arg(&path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\nbin/sh\ninit\n");
     }
 }

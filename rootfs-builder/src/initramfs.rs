@@ -22,6 +22,8 @@ pub struct InitramfsSpec {
 /// Busybox applets linked in `/bin` when busybox is included.
 const APPLETS: &[&str] = &[
     "sh",
+    "tr",
+    "printf",
     "cat",
     "echo",
     "ls",
@@ -44,9 +46,7 @@ const APPLETS: &[&str] = &[
     "mkfs.ext2",
 ];
 
-const DIRS: &[&str] = &[
-    "dev", "proc", "sys", "tmp", "run", "mnt", "etc", "bin", "sbin",
-];
+const DIRS: &[&str] = &["dev", "proc", "sys", "tmp", "run", "mnt", "etc", "bin", "sbin"];
 
 pub fn build_archive(spec: &InitramfsSpec) -> Result<Archive> {
     let mut a = Archive::new();
@@ -54,39 +54,17 @@ pub fn build_archive(spec: &InitramfsSpec) -> Result<Archive> {
         a.add(d, Node::Dir)?;
     }
     a.add("dev/console", Node::CharDev { major: 5, minor: 1 })?;
-    a.add(
-        "init",
-        Node::File {
-            data: read_elf(&spec.agent, "agent")?,
-            executable: true,
-        },
-    )?;
+    a.add("init", Node::File { data: read_elf(&spec.agent, "agent")?, executable: true })?;
     if let Some(bb) = &spec.busybox {
-        a.add(
-            "bin/busybox",
-            Node::File {
-                data: read_elf(bb, "busybox")?,
-                executable: true,
-            },
-        )?;
+        a.add("bin/busybox", Node::File { data: read_elf(bb, "busybox")?, executable: true })?;
         for applet in APPLETS {
-            a.add(
-                &format!("bin/{applet}"),
-                Node::Symlink {
-                    target: "busybox".into(),
-                },
-            )?;
+            a.add(&format!("bin/{applet}"), Node::Symlink { target: "busybox".into() })?;
         }
     }
     for (src, dest) in &spec.extra {
         let data = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
-        let executable =
-            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(src)?.permissions()) & 0o111
-                != 0;
-        a.add(
-            dest.trim_start_matches('/'),
-            Node::File { data, executable },
-        )?;
+        let executable = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(src)?.permissions()) & 0o111 != 0;
+        a.add(dest.trim_start_matches('/'), Node::File { data, executable })?;
     }
     Ok(a)
 }
@@ -108,13 +86,9 @@ pub fn write_initramfs(spec: &InitramfsSpec, out: &Path) -> Result<()> {
 
 /// Reads a binary that must run as a static ELF in the guest.
 fn read_elf(path: &Path, what: &str) -> Result<Vec<u8>> {
-    let data = std::fs::read(path)
-        .with_context(|| format!("reading the {what} binary {}", path.display()))?;
+    let data = std::fs::read(path).with_context(|| format!("reading the {what} binary {}", path.display()))?;
     if !data.starts_with(b"\x7fELF") {
-        bail!(
-            "the {what} binary {} is not an ELF executable",
-            path.display()
-        );
+        bail!("the {what} binary {} is not an ELF executable", path.display());
     }
     if has_interp(&data) {
         bail!(
@@ -128,22 +102,14 @@ fn read_elf(path: &Path, what: &str) -> Result<Vec<u8>> {
 
 /// True if a 64-bit little-endian ELF has a PT_INTERP program header.
 fn has_interp(elf: &[u8]) -> bool {
-    let rd16 = |o: usize| {
-        elf.get(o..o + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let rd64 = |o: usize| {
-        elf.get(o..o + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
-    };
+    let rd16 = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let rd64 = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize);
     let (Some(phoff), Some(phentsize), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
         return false;
     };
     (0..phnum).any(|i| {
         let off = phoff.saturating_add(i.saturating_mul(phentsize));
-        elf.get(off..off + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-            == Some(3)
+        elf.get(off..off + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) == Some(3)
     })
 }
 
@@ -154,21 +120,14 @@ mod tests {
     fn static_binary() -> PathBuf {
         // busybox-static is installed by scripts/setup.sh.
         let p = PathBuf::from("/bin/busybox");
-        assert!(
-            p.exists(),
-            "busybox-static is not installed; run scripts/setup.sh"
-        );
+        assert!(p.exists(), "busybox-static is not installed; run scripts/setup.sh");
         p
     }
 
     #[test]
     fn same_inputs_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = InitramfsSpec {
-            agent: static_binary(),
-            busybox: Some(static_binary()),
-            extra: vec![],
-        };
+        let spec = InitramfsSpec { agent: static_binary(), busybox: Some(static_binary()), extra: vec![] };
         let (a, b) = (dir.path().join("a.gz"), dir.path().join("b.gz"));
         write_initramfs(&spec, &a).unwrap();
         write_initramfs(&spec, &b).unwrap();
@@ -179,18 +138,10 @@ mod tests {
 
     #[test]
     fn refuses_dynamic_agent() {
-        let spec = InitramfsSpec {
-            agent: PathBuf::from("/bin/ls"),
-            busybox: None,
-            extra: vec![],
-        };
+        let spec = InitramfsSpec { agent: PathBuf::from("/bin/ls"), busybox: None, extra: vec![] };
         let err = build_archive(&spec).unwrap_err().to_string();
         assert!(err.contains("dynamically linked"), "{err}");
-        let spec = InitramfsSpec {
-            agent: PathBuf::from("/nonexistent/agent"),
-            busybox: None,
-            extra: vec![],
-        };
+        let spec = InitramfsSpec { agent: PathBuf::from("/nonexistent/agent"), busybox: None, extra: vec![] };
         let err = format!("{:#}", build_archive(&spec).unwrap_err());
         assert!(err.contains("/nonexistent/agent"), "{err}");
     }

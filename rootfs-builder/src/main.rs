@@ -4,11 +4,7 @@ use hull_rootfs_builder::initramfs::{write_initramfs, InitramfsSpec};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "hull-rootfs-builder",
-    version,
-    about = "Builds hull guest images"
-)]
+#[command(name = "hull-rootfs-builder", version, about = "Builds hull guest images")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -34,28 +30,14 @@ enum Cmd {
 }
 
 fn parse_extra(s: &str) -> Result<(PathBuf, String), String> {
-    let (host, guest) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?}: expected HOST_PATH:GUEST_PATH"))?;
+    let (host, guest) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected HOST_PATH:GUEST_PATH"))?;
     Ok((PathBuf::from(host), guest.to_string()))
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Initramfs {
-            agent,
-            busybox,
-            extra,
-            out,
-        } => {
-            write_initramfs(
-                &InitramfsSpec {
-                    agent,
-                    busybox,
-                    extra,
-                },
-                &out,
-            )?;
+        Cmd::Initramfs { agent, busybox, extra, out } => {
+            write_initramfs(&InitramfsSpec { agent, busybox, extra }, &out)?;
             println!("{}", out.display());
         }
     }

@@ -9,10 +9,14 @@ fn runs_a_command_with_env_cwd_and_status() {
     let lab = Lab::new().expect("lab setup");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("hello.txt"), "from the host\n").unwrap();
-    let cmd = LabCommand::new(&["sh", "-c", "cat hello.txt; echo \"$GREETING\"; echo oops >&2; test -c /dev/kvm && echo kvm; exit 3"])
-        .env("GREETING", "hi there")
-        .cwd(dir.path())
-        .timeout(Duration::from_secs(120));
+    let cmd = LabCommand::new(&[
+        "sh",
+        "-c",
+        "cat hello.txt; echo \"$GREETING\"; echo oops >&2; test -c /dev/kvm && echo kvm; exit 3",
+    ])
+    .env("GREETING", "hi there")
+    .cwd(dir.path())
+    .timeout(Duration::from_secs(120));
     let out = lab.run(&cmd).expect("lab run");
     assert_eq!(out.status, 3);
     assert_eq!(out.stdout_str(), "from the host\nhi there\nkvm\n");
@@ -39,9 +43,7 @@ fn the_host_file_system_is_read_only_underneath() {
 fn a_hung_guest_is_killed_at_the_timeout() {
     let lab = Lab::new().expect("lab setup");
     let start = Instant::now();
-    let err = lab
-        .run(&LabCommand::new(&["sleep", "600"]).timeout(Duration::from_secs(4)))
-        .expect_err("must time out");
+    let err = lab.run(&LabCommand::new(&["sleep", "600"]).timeout(Duration::from_secs(4))).expect_err("must time out");
     let elapsed = start.elapsed();
     assert!(matches!(err.downcast_ref::<LabError>(), Some(LabError::Timeout { .. })), "{err:#}");
     assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");

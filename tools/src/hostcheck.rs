@@ -46,15 +46,11 @@ impl HostReport {
                 .to_string();
         }
         match &self.kvm {
-            KvmDevice::Missing => {
-                "no /dev/kvm: microVMs run in the lab (hull-lab run -- CMD)".into()
+            KvmDevice::Missing => "no /dev/kvm: microVMs run in the lab (hull-lab run -- CMD)".into(),
+            KvmDevice::Unusable(why) => {
+                format!("/dev/kvm is unusable ({why}): microVMs run in the lab (hull-lab run -- CMD)")
             }
-            KvmDevice::Unusable(why) => format!(
-                "/dev/kvm is unusable ({why}): microVMs run in the lab (hull-lab run -- CMD)"
-            ),
-            KvmDevice::Usable { .. } => {
-                "the CPU has no vmx/svm: microVMs run in the lab (hull-lab run -- CMD)".into()
-            }
+            KvmDevice::Usable { .. } => "the CPU has no vmx/svm: microVMs run in the lab (hull-lab run -- CMD)".into(),
         }
     }
 }
@@ -73,11 +69,7 @@ impl fmt::Display for HostReport {
         };
         writeln!(f, "/dev/kvm:             {kvm}")?;
         writeln!(f, "cpu virtualization:   {cpu}")?;
-        writeln!(
-            f,
-            "kvm_pvm module:       {}",
-            if self.pvm { "loaded" } else { "not loaded" }
-        )?;
+        writeln!(f, "kvm_pvm module:       {}", if self.pvm { "loaded" } else { "not loaded" })?;
         write!(f, "verdict:              {}", self.verdict())
     }
 }
@@ -89,19 +81,14 @@ pub fn check() -> HostReport {
     HostReport {
         kvm: probe_kvm("/dev/kvm"),
         cpu: cpu_virt(&cpuinfo),
-        pvm: modules.lines().any(|l| l.starts_with("kvm_pvm "))
-            || std::path::Path::new("/sys/module/kvm_pvm").exists(),
+        pvm: modules.lines().any(|l| l.starts_with("kvm_pvm ")) || std::path::Path::new("/sys/module/kvm_pvm").exists(),
     }
 }
 
 const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
 
 pub fn probe_kvm(path: &str) -> KvmDevice {
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-    {
+    let f = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return KvmDevice::Missing,
         Err(e) => return KvmDevice::Unusable(format!("open {path}: {e}")),
@@ -110,10 +97,7 @@ pub fn probe_kvm(path: &str) -> KvmDevice {
     let v = unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     match v {
         12 => KvmDevice::Usable { api_version: v },
-        -1 => KvmDevice::Unusable(format!(
-            "KVM_GET_API_VERSION: {}",
-            std::io::Error::last_os_error()
-        )),
+        -1 => KvmDevice::Unusable(format!("KVM_GET_API_VERSION: {}", std::io::Error::last_os_error())),
         v => KvmDevice::Unusable(format!("KVM API version {v}, expected 12")),
     }
 }
@@ -145,25 +129,13 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        let pvm = HostReport {
-            kvm: KvmDevice::Usable { api_version: 12 },
-            cpu: CpuVirt::None,
-            pvm: true,
-        };
+        let pvm = HostReport { kvm: KvmDevice::Usable { api_version: 12 }, cpu: CpuVirt::None, pvm: true };
         assert!(!pvm.can_run_microvm());
         assert!(pvm.verdict().contains("PVM-only"));
         assert!(pvm.verdict().contains("lab"));
-        let native = HostReport {
-            kvm: KvmDevice::Usable { api_version: 12 },
-            cpu: CpuVirt::Svm,
-            pvm: false,
-        };
+        let native = HostReport { kvm: KvmDevice::Usable { api_version: 12 }, cpu: CpuVirt::Svm, pvm: false };
         assert!(native.can_run_microvm());
-        let none = HostReport {
-            kvm: KvmDevice::Missing,
-            cpu: CpuVirt::Vmx,
-            pvm: false,
-        };
+        let none = HostReport { kvm: KvmDevice::Missing, cpu: CpuVirt::Vmx, pvm: false };
         assert!(!none.can_run_microvm());
         assert!(none.verdict().contains("no /dev/kvm"));
     }

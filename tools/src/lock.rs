@@ -20,8 +20,7 @@ impl FileLock {
         // SAFETY: flock on a descriptor we own; blocks until the lock is ours.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if r != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
         }
         Ok(FileLock { _file: file })
     }

@@ -71,17 +71,12 @@ fn run_native(cmd: &LabCommand) -> Result<LabOutput> {
         if start.elapsed() > cmd.timeout {
             let _ = child.kill();
             let _ = child.wait();
-            anyhow::bail!(
-                "{prog} did not finish within {:?}; it was killed",
-                cmd.timeout
-            );
+            anyhow::bail!("{prog} did not finish within {:?}; it was killed", cmd.timeout);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
     Ok(LabOutput {
         status: code,
         stdout: t_out.join().unwrap(),

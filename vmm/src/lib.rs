@@ -3,7 +3,16 @@
 //! Layout (after Firecracker's `src/vmm`): `vstate` (KVM VM, memory, vCPUs),
 //! `arch` (x86_64 boot setup), `devices` (legacy and virtio devices),
 //! `device_manager` (placing devices on buses and the kernel command line),
-//! `builder` (assembling a VM from a config), `api` (the control socket).
-//! Every vCPU and device state is a plain serializable struct (`persist`).
+//! `builder` (assembling a VM from a config), `vmm` (a running VM),
+//! `controller` (the main loop), `api` (the control socket). Every vCPU and
+//! device state is a plain serializable struct.
 
+pub mod api;
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod controller;
+pub mod device_manager;
 pub mod devices;
+pub mod vmm;
+pub mod vstate;

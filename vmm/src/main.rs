@@ -1,3 +1,117 @@
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("hull-vmm is not built yet; the lab tests use QEMU microvm until it is")
+//! hull-vmm: boot a microVM from flags, or wait for an API client to
+//! configure and boot it. Exits 0 when the guest reboots or powers off, or on
+//! an API shutdown; 1 on any error.
+
+use clap::Parser;
+use hull_vmm::api;
+use hull_vmm::config::{
+    parse_disk, parse_fs, Console, DiskConfig, FsDeviceConfig, VmConfig, VsockDeviceConfig, DEFAULT_CMDLINE,
+    DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
+};
+use hull_vmm::controller::{Controller, Outcome};
+use hull_vmm::vmm::VmmEvent;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "hull-vmm", version, about = "hull's KVM microVM monitor")]
+struct Cli {
+    /// Guest kernel: vmlinux (PVH) or bzImage. Without it, wait for `configure` on --api-socket.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEM_MIB)]
+    mem: u64,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Block device: PATH[,ro][,id=SERIAL] (repeatable).
+    #[arg(long = "disk", value_parser = |s: &str| parse_disk(s).map_err(|e| e.to_string()))]
+    disks: Vec<DiskConfig>,
+    /// virtio-fs via a virtiofsd vhost-user socket: SOCKET[,tag=TAG] (repeatable).
+    #[arg(long = "fs-socket", value_parser = |s: &str| parse_fs(s).map_err(|e| e.to_string()))]
+    fs: Vec<FsDeviceConfig>,
+    /// Hybrid vsock: host side unix socket.
+    #[arg(long)]
+    vsock_socket: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    vsock_cid: u64,
+    /// Serial console: "stdout", "off" or a file path.
+    #[arg(long, default_value = "stdout")]
+    console: String,
+    /// Control API socket (newline-delimited JSON).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.kernel.is_none() && cli.api_socket.is_none() {
+        eprintln!("hull-vmm: give --kernel (boot now) or --api-socket (configure over the API)");
+        return ExitCode::FAILURE;
+    }
+    let listener = match &cli.api_socket {
+        Some(p) => match api::bind(p) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("hull-vmm: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let mut controller = Controller::new(cli.api_socket.clone());
+    let tx = controller.sender();
+    let sig_tx = tx.clone();
+    match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(s) = signals.forever().next() {
+                    let _ = sig_tx.send(VmmEvent::Signal(s));
+                }
+            });
+        }
+        Err(e) => eprintln!("hull-vmm: cannot handle signals: {e}"),
+    }
+    if let Some(l) = listener {
+        let tx = tx.clone();
+        std::thread::spawn(move || api::serve(l, tx));
+    }
+    if let Some(kernel) = cli.kernel {
+        let config = VmConfig {
+            kernel,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
+            mem_mib: cli.mem,
+            vcpus: cli.vcpus,
+            disks: cli.disks,
+            fs: cli.fs,
+            vsock: cli.vsock_socket.map(|uds_path| VsockDeviceConfig { uds_path, guest_cid: cli.vsock_cid }),
+            console: match cli.console.as_str() {
+                "stdout" => Console::Stdout,
+                "off" => Console::Off,
+                p => Console::File(p.into()),
+            },
+        };
+        if let Err(e) = controller.boot(config) {
+            eprintln!("hull-vmm: {e}");
+            if let Some(p) = &cli.api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    match controller.run() {
+        Outcome::Clean(why) => {
+            eprintln!("hull-vmm: exiting: {why}");
+            ExitCode::SUCCESS
+        }
+        Outcome::Failed(why) => {
+            eprintln!("hull-vmm: {why}");
+            ExitCode::FAILURE
+        }
+    }
 }

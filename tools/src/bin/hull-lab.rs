@@ -8,11 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "hull-lab",
-    version,
-    about = "Run commands inside the lab, an emulated KVM host"
-)]
+#[command(name = "hull-lab", version, about = "Run commands inside the lab, an emulated KVM host")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -50,11 +46,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("hull-lab: {e:#}");
-            ExitCode::from(if e.to_string().contains("did not finish within") {
-                124
-            } else {
-                125
-            })
+            ExitCode::from(if e.to_string().contains("did not finish within") { 124 } else { 125 })
         }
     }
 }
@@ -63,21 +55,10 @@ fn real_main() -> Result<i32> {
     match Cli::parse().cmd {
         Cmd::Setup => {
             let k = hull_tools::lab::LabKernel::ensure()?;
-            println!(
-                "kernel:    {}\ninitramfs: {}",
-                k.vmlinuz.display(),
-                k.initramfs.display()
-            );
+            println!("kernel:    {}\ninitramfs: {}", k.vmlinuz.display(), k.initramfs.display());
             Ok(0)
         }
-        Cmd::Run {
-            timeout,
-            env,
-            cwd,
-            mem,
-            timing,
-            argv,
-        } => {
+        Cmd::Run { timeout, env, cwd, mem, timing, argv } => {
             let argv: Vec<String> = argv.into_iter().skip_while(|a| a == "--").collect();
             if argv.is_empty() {
                 bail!("no command given: hull-lab run -- CMD [ARGS...]");
@@ -86,18 +67,14 @@ fn real_main() -> Result<i32> {
                 Some(c) => c,
                 None => std::env::current_dir()?,
             };
-            let mut cmd = LabCommand::new(&argv)
-                .cwd(cwd)
-                .timeout(Duration::from_secs(timeout));
+            let mut cmd = LabCommand::new(&argv).cwd(cwd).timeout(Duration::from_secs(timeout));
             for k in ["PATH", "HOME", "TERM", "RUST_LOG", "RUST_BACKTRACE"] {
                 if let Ok(v) = std::env::var(k) {
                     cmd = cmd.env(k, &v);
                 }
             }
             for kv in env {
-                let Some((k, v)) = kv.split_once('=') else {
-                    bail!("--env {kv:?}: expected KEY=VALUE")
-                };
+                let Some((k, v)) = kv.split_once('=') else { bail!("--env {kv:?}: expected KEY=VALUE") };
                 cmd = cmd.env(k, v);
             }
             let mut lab = Lab::new()?;

@@ -41,11 +41,7 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Check => {
             let r = hull_tools::hostcheck::check();
             println!("{r}");
-            Ok(if r.can_run_microvm() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(3)
-            })
+            Ok(if r.can_run_microvm() { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Cmd::Ping { addr, wait } => {
             let v = ping_until(&addr, Duration::from_secs(wait))?;

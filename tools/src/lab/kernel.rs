@@ -10,26 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Modules the lab needs; their dependencies are added from modules.dep.
-const MODULES: &[&str] = &[
-    "virtio_pci",
-    "9pnet_virtio",
-    "9p",
-    "overlay",
-    "virtio_console",
-    "kvm-amd",
-    "vhost_vsock",
-    "tun",
-    "fuse",
-    "loop",
-];
+const MODULES: &[&str] =
+    &["virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "kvm-amd", "vhost_vsock", "tun", "fuse", "loop"];
 
 const INIT_SH: &str = include_str!("init.sh");
 
 /// Where hull caches slow artifacts (outside the clone): `$HULL_CACHE_DIR` or /var/cache/hull.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("HULL_CACHE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/hull"))
+    std::env::var_os("HULL_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/cache/hull"))
 }
 
 #[derive(Debug, Clone)]
@@ -72,11 +60,7 @@ impl LabKernel {
         if !initramfs.exists() {
             build_initramfs(busybox, &moddir, &order, &initramfs)?;
         }
-        Ok(LabKernel {
-            vmlinuz,
-            initramfs,
-            release,
-        })
+        Ok(LabKernel { vmlinuz, initramfs, release })
     }
 }
 
@@ -97,14 +81,9 @@ fn resolve_package() -> Result<String> {
         .find(|n| n.starts_with("linux-image-"))
         .map(str::to_string);
     let Some(name) = name else {
-        bail!(
-            "cannot resolve linux-image-amd64 with apt-cache (run apt-get update): {}",
-            text.trim()
-        );
+        bail!("cannot resolve linux-image-amd64 with apt-cache (run apt-get update): {}", text.trim());
     };
-    let ver = Command::new("apt-cache")
-        .args(["show", "--no-all-versions", &name])
-        .output()?;
+    let ver = Command::new("apt-cache").args(["show", "--no-all-versions", &name]).output()?;
     let ver = String::from_utf8_lossy(&ver.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("Version: ").map(str::to_string))
@@ -114,18 +93,9 @@ fn resolve_package() -> Result<String> {
 
 fn unpack_deb(pkg: &str, dest: &Path) -> Result<()> {
     let (name, ver) = pkg.split_once('_').unwrap_or((pkg, ""));
-    let tmp = tempfile::Builder::new()
-        .prefix(".unpack-")
-        .tempdir_in(dest.parent().unwrap())?;
-    let spec = if ver.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}={ver}")
-    };
-    eprintln!(
-        "hull-lab: downloading {spec} (once; cached in {})",
-        dest.display()
-    );
+    let tmp = tempfile::Builder::new().prefix(".unpack-").tempdir_in(dest.parent().unwrap())?;
+    let spec = if ver.is_empty() { name.to_string() } else { format!("{name}={ver}") };
+    eprintln!("hull-lab: downloading {spec} (once; cached in {})", dest.display());
     let st = Command::new("apt-get")
         .arg("download")
         .arg(&spec)
@@ -168,17 +138,12 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn module_order(moddir: &Path) -> Result<Vec<String>> {
     let dep = std::fs::read_to_string(moddir.join("modules.dep"))
         .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
-    let deps: std::collections::HashMap<&str, Vec<&str>> = dep
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(m, d)| (m, d.split_whitespace().collect()))
-        .collect();
+    let deps: std::collections::HashMap<&str, Vec<&str>> =
+        dep.lines().filter_map(|l| l.split_once(':')).map(|(m, d)| (m, d.split_whitespace().collect())).collect();
     let by_name = |name: &str| {
         let file = format!("/{name}.ko");
         let alt = format!("/{}.ko", name.replace('-', "_"));
-        deps.keys()
-            .find(|k| k.ends_with(&file) || k.ends_with(&alt))
-            .copied()
+        deps.keys().find(|k| k.ends_with(&file) || k.ends_with(&alt)).copied()
     };
     let mut order: Vec<String> = Vec::new();
     fn visit(m: &str, deps: &std::collections::HashMap<&str, Vec<&str>>, order: &mut Vec<String>) {
@@ -192,8 +157,7 @@ fn module_order(moddir: &Path) -> Result<Vec<String>> {
         order.push(m.to_string());
     }
     for name in MODULES {
-        let m = by_name(name)
-            .with_context(|| format!("module {name} not in {}/modules.dep", moddir.display()))?;
+        let m = by_name(name).with_context(|| format!("module {name} not in {}/modules.dep", moddir.display()))?;
         visit(m, &deps, &mut order);
     }
     Ok(order)
@@ -205,47 +169,18 @@ fn build_initramfs(busybox: &Path, moddir: &Path, order: &[String], out: &Path) 
         a.add(d, Node::Dir)?;
     }
     a.add("dev/console", Node::CharDev { major: 5, minor: 1 })?;
-    a.add(
-        "bin/busybox",
-        Node::File {
-            data: std::fs::read(busybox)?,
-            executable: true,
-        },
-    )?;
-    a.add(
-        "bin/sh",
-        Node::Symlink {
-            target: "busybox".into(),
-        },
-    )?;
-    a.add(
-        "init",
-        Node::File {
-            data: INIT_SH.as_bytes().to_vec(),
-            executable: true,
-        },
-    )?;
+    a.add("bin/busybox", Node::File { data: std::fs::read(busybox)?, executable: true })?;
+    a.add("bin/sh", Node::Symlink { target: "busybox".into() })?;
+    a.add("init", Node::File { data: INIT_SH.as_bytes().to_vec(), executable: true })?;
     let mut list = String::new();
     for m in order {
         let flat = m.replace('/', "_");
         let data = std::fs::read(moddir.join(m)).with_context(|| format!("reading module {m}"))?;
-        a.add(
-            &format!("modules/{flat}"),
-            Node::File {
-                data,
-                executable: false,
-            },
-        )?;
+        a.add(&format!("modules/{flat}"), Node::File { data, executable: false })?;
         list.push_str(&flat);
         list.push('\n');
     }
-    a.add(
-        "modules/order",
-        Node::File {
-            data: list.into_bytes(),
-            executable: false,
-        },
-    )?;
+    a.add("modules/order", Node::File { data: list.into_bytes(), executable: false })?;
     let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
     a.write_to(&mut gz)?;
     let tmp = out.with_extension("tmp");

@@ -25,10 +25,7 @@ impl LabCommand {
     pub fn new<S: AsRef<str>>(argv: &[S]) -> Self {
         LabCommand {
             argv: argv.iter().map(|s| s.as_ref().to_string()).collect(),
-            env: vec![(
-                "PATH".into(),
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
-            )],
+            env: vec![("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into())],
             cwd: PathBuf::from("/"),
             timeout: Duration::from_secs(300),
         }
@@ -94,14 +91,8 @@ impl LabOutput {
 
 #[derive(Debug)]
 pub enum LabError {
-    Timeout {
-        after: Duration,
-        console_tail: String,
-    },
-    NoStatus {
-        detail: String,
-        console_tail: String,
-    },
+    Timeout { after: Duration, console_tail: String },
+    NoStatus { detail: String, console_tail: String },
 }
 
 impl std::error::Error for LabError {}
@@ -109,16 +100,10 @@ impl std::error::Error for LabError {}
 impl std::fmt::Display for LabError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LabError::Timeout {
-                after,
-                console_tail,
-            } => {
+            LabError::Timeout { after, console_tail } => {
                 write!(f, "the lab job did not finish within {after:?}; it was killed.\nlab console (last lines):\n{console_tail}")
             }
-            LabError::NoStatus {
-                detail,
-                console_tail,
-            } => {
+            LabError::NoStatus { detail, console_tail } => {
                 write!(f, "the lab ended without an exit status ({detail}).\nlab console (last lines):\n{console_tail}")
             }
         }
@@ -136,13 +121,8 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Result<Lab> {
-        which("qemu-system-x86_64")
-            .context("the lab needs QEMU: apt-get install qemu-system-x86")?;
-        Ok(Lab {
-            kernel: LabKernel::ensure()?,
-            mem_mib: 4096,
-            cpus: 2,
-        })
+        which("qemu-system-x86_64").context("the lab needs QEMU: apt-get install qemu-system-x86")?;
+        Ok(Lab { kernel: LabKernel::ensure()?, mem_mib: 4096, cpus: 2 })
     }
 
     /// Runs `cmd`, capturing its output.
@@ -155,12 +135,7 @@ impl Lab {
     }
 
     /// Runs `cmd`, writing its stdout and stderr to the given sinks as it goes.
-    pub fn run_streaming(
-        &self,
-        cmd: &LabCommand,
-        stdout: &mut dyn Write,
-        stderr: &mut dyn Write,
-    ) -> Result<LabOutput> {
+    pub fn run_streaming(&self, cmd: &LabCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<LabOutput> {
         let _lock = FileLock::exclusive(&cache_dir().join("lab/run.lock"))?;
         let tmp = tempfile::Builder::new().prefix("hull-lab-").tempdir()?;
         let dir = tmp.path();
@@ -178,19 +153,8 @@ impl Lab {
         let console = dir.join("console.log");
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "max"])
-            .args([
-                "-smp",
-                &self.cpus.to_string(),
-                "-m",
-                &self.mem_mib.to_string(),
-            ])
-            .args([
-                "-display",
-                "none",
-                "-nodefaults",
-                "-no-reboot",
-                "-no-user-config",
-            ])
+            .args(["-smp", &self.cpus.to_string(), "-m", &self.mem_mib.to_string()])
+            .args(["-display", "none", "-nodefaults", "-no-reboot", "-no-user-config"])
             .arg("-kernel")
             .arg(&self.kernel.vmlinuz)
             .arg("-initrd")
@@ -199,20 +163,13 @@ impl Lab {
             .arg("-chardev")
             .arg(format!("file,id=con,path={}", console.display()))
             .args(["-serial", "chardev:con"])
-            .args([
-                "-virtfs",
-                "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
-            ])
+            .args(["-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap"])
             .args(["-device", "virtio-serial-pci,id=vs"]);
         for n in names {
-            qemu.arg("-chardev")
-                .arg(format!("socket,id={n},path={}", dir.join(n).display()));
-            qemu.arg("-device")
-                .arg(format!("virtserialport,bus=vs.0,chardev={n},name=hull.{n}"));
+            qemu.arg("-chardev").arg(format!("socket,id={n},path={}", dir.join(n).display()));
+            qemu.arg("-device").arg(format!("virtserialport,bus=vs.0,chardev={n},name=hull.{n}"));
         }
-        qemu.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        qemu.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let start = Instant::now();
         let child = qemu.spawn().context("starting qemu-system-x86_64")?;
         let mut guard = KillOnDrop(child);
@@ -226,63 +183,32 @@ impl Lab {
             if now >= deadline {
                 break None;
             }
-            pump.poll(
-                deadline.min(now + Duration::from_millis(200)) - now,
-                &mut [stdout, stderr],
-                &mut status_text,
-            )?;
-            if ready_after.is_none()
-                && status_text.starts_with(b"ready")
-                && status_text.contains(&b'\n')
-            {
+            pump.poll(deadline.min(now + Duration::from_millis(200)) - now, &mut [stdout, stderr], &mut status_text)?;
+            if ready_after.is_none() && status_text.starts_with(b"ready") && status_text.contains(&b'\n') {
                 ready_after = Some(start.elapsed());
             }
             if let Some(st) = guard.0.try_wait()? {
                 // Drain what the guest wrote before it went away.
-                pump.poll(
-                    Duration::from_millis(0),
-                    &mut [stdout, stderr],
-                    &mut status_text,
-                )?;
+                pump.poll(Duration::from_millis(0), &mut [stdout, stderr], &mut status_text)?;
                 break Some(st);
             }
         };
         let tail = || tail_lines(&console, 40);
         let Some(qemu_status) = exited else {
-            return Err(LabError::Timeout {
-                after: cmd.timeout,
-                console_tail: tail(),
-            }
-            .into());
+            return Err(LabError::Timeout { after: cmd.timeout, console_tail: tail() }.into());
         };
         let status_text = String::from_utf8_lossy(&status_text).into_owned();
-        let code = status_text
-            .lines()
-            .find_map(|l| l.strip_prefix("exit "))
-            .and_then(|c| c.trim().parse::<i32>().ok());
+        let code = status_text.lines().find_map(|l| l.strip_prefix("exit ")).and_then(|c| c.trim().parse::<i32>().ok());
         let Some(code) = code else {
             let mut qerr = String::new();
             if let Some(mut e) = guard.0.stderr.take() {
                 let _ = e.read_to_string(&mut qerr);
             }
-            let detail = format!(
-                "qemu {qemu_status}; status port said {:?}; qemu stderr: {}",
-                status_text.trim(),
-                qerr.trim()
-            );
-            return Err(LabError::NoStatus {
-                detail,
-                console_tail: tail(),
-            }
-            .into());
+            let detail =
+                format!("qemu {qemu_status}; status port said {:?}; qemu stderr: {}", status_text.trim(), qerr.trim());
+            return Err(LabError::NoStatus { detail, console_tail: tail() }.into());
         };
-        Ok(LabOutput {
-            status: code,
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-            ready_after,
-            wall: start.elapsed(),
-        })
+        Ok(LabOutput { status: code, stdout: Vec::new(), stderr: Vec::new(), ready_after, wall: start.elapsed() })
     }
 }
 
@@ -294,13 +220,7 @@ fn write_initrd(base: &Path, script: &str, out: &Path) -> Result<()> {
         bytes.push(0);
     }
     let mut job = Archive::new();
-    job.add(
-        "job.sh",
-        Node::File {
-            data: script.as_bytes().to_vec(),
-            executable: true,
-        },
-    )?;
+    job.add("job.sh", Node::File { data: script.as_bytes().to_vec(), executable: true })?;
     job.write_to(&mut bytes)?;
     std::fs::write(out, bytes)?;
     Ok(())
@@ -326,18 +246,10 @@ struct Pump {
 impl Pump {
     fn new(listeners: Vec<UnixListener>) -> Self {
         let n = listeners.len();
-        Pump {
-            listeners: listeners.into_iter().map(Some).collect(),
-            streams: (0..n).map(|_| None).collect(),
-        }
+        Pump { listeners: listeners.into_iter().map(Some).collect(), streams: (0..n).map(|_| None).collect() }
     }
 
-    fn poll(
-        &mut self,
-        wait: Duration,
-        sinks: &mut [&mut dyn Write; 2],
-        status: &mut Vec<u8>,
-    ) -> Result<()> {
+    fn poll(&mut self, wait: Duration, sinks: &mut [&mut dyn Write; 2], status: &mut Vec<u8>) -> Result<()> {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         for i in 0..self.listeners.len() {
             let fd = match (&self.listeners[i], &self.streams[i]) {
@@ -345,20 +257,10 @@ impl Pump {
                 (Some(l), None) => l.as_raw_fd(),
                 (None, None) => -1,
             };
-            fds.push(libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
         }
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
-        let n = unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                wait.as_millis() as i32,
-            )
-        };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait.as_millis() as i32) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -410,9 +312,7 @@ impl Pump {
 }
 
 fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -431,42 +331,22 @@ mod tests {
 
     #[test]
     fn script_quotes_everything() {
-        let c = LabCommand::new(&["sh", "-c", "echo 'hi'; exit 3"])
-            .env("A", "x y")
-            .cwd("/tmp/it's");
+        let c = LabCommand::new(&["sh", "-c", "echo 'hi'; exit 3"]).env("A", "x y").cwd("/tmp/it's");
         let s = c.script();
         assert!(s.contains(r"cd '/tmp/it'\''s'"), "{s}");
         assert!(s.contains(r"'sh' '-c' 'echo '\''hi'\''; exit 3'"), "{s}");
         assert!(s.contains("'A=x y'"), "{s}");
         // The job script must run under a plain POSIX sh on this host.
-        let out = Command::new("sh")
-            .arg("-n")
-            .arg("-c")
-            .arg(&s)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new("sh").arg("-n").arg("-c").arg(&s).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     #[test]
     fn script_runs_with_env_and_cwd() {
         let dir = tempfile::tempdir().unwrap();
-        let c = LabCommand::new(&["sh", "-c", "echo \"$A:$(pwd):$HOME\"; exit 7"])
-            .env("A", "v w")
-            .cwd(dir.path());
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(c.script())
-            .output()
-            .unwrap();
+        let c = LabCommand::new(&["sh", "-c", "echo \"$A:$(pwd):$HOME\"; exit 7"]).env("A", "v w").cwd(dir.path());
+        let out = Command::new("sh").arg("-c").arg(c.script()).output().unwrap();
         assert_eq!(out.status.code(), Some(7));
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            format!("v w:{}:\n", dir.path().display())
-        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("v w:{}:\n", dir.path().display()));
     }
 }

@@ -9,7 +9,10 @@
 //! descriptor addresses, lengths, flags and chain shapes are checked, and a bad
 //! request gets an error status in the device protocol, never a panic.
 
+pub mod block;
+pub mod fs;
 pub mod mmio;
+pub mod vsock;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};

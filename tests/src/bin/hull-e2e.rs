@@ -1,0 +1,189 @@
+//! hull-e2e: end-to-end scenarios that need a KVM host. The tests run them
+//! natively where the host can run microVMs, else inside the lab; a person
+//! can run them by hand the same way. Each prints `RESULT key=value` lines
+//! and exits non-zero with a reason on the first failed check.
+
+use anyhow::{bail, ensure, Context, Result};
+use hull_agent_api::transport::connect_hybrid;
+use hull_tests::vm::{accept_line, listen_guest_port, rss_pss_kib, test_value, VmmProcess, NOTIFY_PORT};
+use hull_tests::{guest_kernel, test_initramfs, virtiofsd, workspace_bin};
+use hull_vmm::api::{ApiClient, Request, Response, VmStatus};
+use std::os::unix::fs::FileExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn main() {
+    let scenario = std::env::args().nth(1).unwrap_or_default();
+    let r = match scenario.as_str() {
+        "vmm-boot" => vmm_boot(),
+        "vmm-devices" => vmm_devices(),
+        _ => {
+            eprintln!("usage: hull-e2e vmm-boot|vmm-devices");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = r {
+        eprintln!("hull-e2e {scenario}: FAILED: {e:#}");
+        std::process::exit(1);
+    }
+    println!("hull-e2e {scenario}: ok");
+}
+
+fn cmdline(extra: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=-1 quiet rdinit=/test/init.sh {extra}")
+}
+
+fn base_args(mem: u64, vcpus: u8, cmdline: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        guest_kernel().display().to_string(),
+        "--initrd".into(),
+        test_initramfs().display().to_string(),
+        "--mem".into(),
+        mem.to_string(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+        "--cmdline".into(),
+        cmdline.into(),
+    ]
+}
+
+fn api(vm: &VmmProcess, req: Request) -> Result<Response> {
+    Ok(ApiClient::connect(&vm.api_socket())?.call(&req)?)
+}
+
+fn status(r: Response) -> Result<VmStatus> {
+    match r {
+        Response::Ok(info) => Ok(info.status),
+        Response::Error(e) => bail!("API error: {e}"),
+    }
+}
+
+fn ping(vm: &VmmProcess) -> Result<String> {
+    let s = connect_hybrid(&vm.vsock_socket(), 1024, Duration::from_secs(10))?;
+    Ok(hull_agent_api::ping(s)?)
+}
+
+/// Boot to the agent's ready notification (guest→host vsock), ping it
+/// (host→guest), SMP, pause/resume over the API, shutdown and cleanup.
+fn vmm_boot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let vcpus = 2;
+    let args = base_args(128, vcpus, &cmdline(&format!("hull.notify_port={NOTIFY_PORT}")));
+    let notify = listen_guest_port(&dir.path().join("vsock.sock"), NOTIFY_PORT)?;
+    let mut vm = VmmProcess::spawn(&workspace_bin("hull-vmm"), dir.path(), &args)?;
+    let ready = accept_line(&notify, BOOT_TIMEOUT).with_context(|| format!("console:\n{}", vm.console_text()))?;
+    let boot_ms = vm.started.elapsed().as_millis();
+    ensure!(ready.starts_with("hull-agent: ready"), "guest→host notification was {ready:?}");
+    println!("RESULT boot_to_ready_ms={boot_ms}");
+    let console = vm.console_text();
+    ensure!(console.contains("hull-agent: ready"), "ready line missing on the console:\n{console}");
+    ensure!(test_value(&console, "cpus") == Some(vcpus.to_string()), "guest CPU count: console:\n{console}");
+    println!("RESULT guest_cpus={vcpus}");
+
+    let v = ping(&vm).context("host→guest ping")?;
+    println!("RESULT ping={v}");
+    let (rss, pss) = rss_pss_kib(vm.child.id())?;
+    println!("RESULT vmm_rss_kib={rss} vmm_pss_kib={pss}");
+
+    ensure!(status(api(&vm, Request::State)?)? == VmStatus::Running);
+    ensure!(status(api(&vm, Request::Pause)?)? == VmStatus::Paused);
+    ensure!(status(api(&vm, Request::Resume)?)? == VmStatus::Running);
+    ping(&vm).context("ping after resume")?;
+    match api(&vm, Request::Boot)? {
+        Response::Error(e) => ensure!(e.message.contains("already booted"), "{e}"),
+        r => bail!("second boot accepted: {r:?}"),
+    }
+
+    ensure!(status(api(&vm, Request::Shutdown)?)? == VmStatus::ShuttingDown);
+    let st = vm.wait_exit(Duration::from_secs(20))?;
+    ensure!(st.success(), "hull-vmm exit status after API shutdown: {st}");
+    for s in [vm.vsock_socket(), vm.api_socket()] {
+        ensure!(!s.exists(), "{} left behind", s.display());
+    }
+    Ok(())
+}
+
+/// virtio-blk both ways (rw with a serial, ro refused), virtio-fs with a real
+/// virtiofsd, and guest reboot ending hull-vmm with status 0.
+fn vmm_devices() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    // A sparse 4 MiB disk with a host pattern at 0, and a read-only disk.
+    let disk = d.join("disk.img");
+    let f = std::fs::File::create(&disk)?;
+    f.set_len(4 << 20)?;
+    f.write_all_at(b"HOSTPATTERN-0001", 0)?;
+    drop(f);
+    let ro = d.join("ro.img");
+    let mut ro_bytes = b"READONLY".to_vec();
+    ro_bytes.resize(1 << 20, 0);
+    std::fs::write(&ro, &ro_bytes)?;
+
+    let shared = d.join("shared");
+    std::fs::create_dir(&shared)?;
+    std::fs::write(shared.join("hello.txt"), "hello from the host\n")?;
+    let fs_sock = d.join("virtiofsd.sock");
+    let mut virtiofsd = Command::new(virtiofsd())
+        .arg(format!("--socket-path={}", fs_sock.display()))
+        .arg(format!("--shared-dir={}", shared.display()))
+        .args(["--sandbox=none", "--cache=never"])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting virtiofsd")?;
+    let t = Instant::now();
+    while !fs_sock.exists() {
+        ensure!(t.elapsed() < Duration::from_secs(30), "virtiofsd did not create its socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let mut args = base_args(256, 1, &cmdline("hulltest=blk,fs hulltest_end=reboot"));
+    args.extend(["--disk".into(), format!("{},id=testdisk", disk.display())]);
+    args.extend(["--disk".into(), format!("{},ro", ro.display())]);
+    args.extend(["--fs-socket".into(), format!("{},tag=hullfs", fs_sock.display())]);
+    let mut vm = VmmProcess::spawn(&workspace_bin("hull-vmm"), d, &args)?;
+    let st = vm.wait_exit(BOOT_TIMEOUT)?;
+    let console = vm.console_text();
+    ensure!(st.success(), "hull-vmm exit status after guest reboot: {st}; console:\n{console}");
+    println!("RESULT reboot_exit_status=0");
+    ensure!(console.contains("TEST done"), "test init did not finish; console:\n{console}");
+
+    let check = |key: &str, want: &str| -> Result<()> {
+        let got = test_value(&console, key);
+        ensure!(got.as_deref() == Some(want), "{key}: got {got:?}, want {want:?}; console:\n{console}");
+        println!("RESULT {key}={want}");
+        Ok(())
+    };
+    check("vda_serial", "testdisk")?;
+    check("vda_head", "HOSTPATTERN-0001")?;
+    check("vdb_ro", "refused")?;
+    check("vdb_head", "READONLY")?;
+    check("fs_read", "hello from the host")?;
+    check("fs_wrote", "0")?;
+
+    let mut buf = [0u8; 17];
+    std::fs::File::open(&disk)?.read_exact_at(&mut buf, 4096)?;
+    ensure!(&buf == b"GUESTPATTERN-8192", "disk bytes at 4096: {:?}", String::from_utf8_lossy(&buf));
+    ensure!(std::fs::read(&ro)? == ro_bytes, "the read-only disk changed");
+    ensure!(std::fs::read_to_string(shared.join("guest.txt"))? == "from-guest\n", "guest's file on the share");
+    ensure!(std::fs::metadata(&disk)?.len() == 4 << 20, "disk size changed");
+
+    // hull-vmm closed its vhost-user connection: virtiofsd exits by itself.
+    let t = Instant::now();
+    loop {
+        if let Some(s) = virtiofsd.try_wait()? {
+            println!("RESULT virtiofsd_exit={s}");
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = virtiofsd.kill();
+            bail!("virtiofsd still running 10 s after hull-vmm exited (orphaned connection)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ensure!(!vm.vsock_socket().exists() && !vm.api_socket().exists(), "sockets left behind");
+    Ok(())
+}
+

@@ -1,0 +1,371 @@
+//! vCPUs: configuration for boot, the run loop (port I/O and MMIO exits go to
+//! the buses), pause/resume/stop from other threads, and serializable state.
+
+use crate::arch::x86_64::boot::KernelEntry;
+use crate::arch::x86_64::regs;
+use crate::devices::bus::Bus;
+use crate::devices::virtio::GuestMemory;
+use kvm_bindings::{
+    kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what}: {source}")]
+    Kvm { id: u8, what: &'static str, source: kvm_ioctls::Error },
+    #[error("vCPU {id}: {0}", id = .1)]
+    Boot(String, u8),
+    #[error("spawning vCPU thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Why a vCPU stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    /// The guest asked for a reset (triple fault, or KVM system event reset).
+    Reset,
+    /// The guest powered off.
+    PowerOff,
+    /// KVM failed to run the guest; the text says how.
+    Error(String),
+}
+
+/// Everything KVM keeps about one vCPU, as plain data (for snapshots). The
+/// x87/SSE state is inside `xsave`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub xcrs: kvm_xcrs,
+    pub xsave: kvm_xsave,
+}
+
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, id: u8, pio: Bus, mmio: Bus) -> Result<Vcpu, VcpuError> {
+        let fd =
+            vm.create_vcpu(u64::from(id)).map_err(|source| VcpuError::Kvm { id, what: "KVM_CREATE_VCPU", source })?;
+        Ok(Vcpu { id, fd, pio, mmio })
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Kvm { id, what, source }
+    }
+
+    /// CPUID, MSRs, FPU and LAPIC for every vCPU; entry registers for the
+    /// boot vCPU (the others wait for INIT/SIPI from it).
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        num_cpus: u8,
+        mem: &GuestMemory,
+        entry: Option<KernelEntry>,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        patch_cpuid(&mut cpuid, self.id, num_cpus);
+        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
+        let msrs = regs::boot_msrs();
+        let n = self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        if n != msrs.as_fam_struct_ref().nmsrs as usize {
+            return Err(VcpuError::Boot(format!("KVM set only {n} boot MSRs"), self.id));
+        }
+        self.fd.set_fpu(&regs::boot_fpu()).map_err(self.kvm_err("KVM_SET_FPU"))?;
+        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
+        regs::set_lint(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        if let Some(e) = entry {
+            let mut sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+            regs::boot_sregs(mem, e.mode, &mut sregs).map_err(|err| VcpuError::Boot(err.to_string(), self.id))?;
+            self.fd.set_sregs(&sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
+            self.fd.set_regs(&regs::boot_regs(e.mode, e.entry)).map_err(self.kvm_err("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+        Ok(VcpuState {
+            id: self.id,
+            regs: self.fd.get_regs().map_err(self.kvm_err("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?,
+            lapic: self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?,
+            mp_state: self.fd.get_mp_state().map_err(self.kvm_err("KVM_GET_MP_STATE"))?,
+            events: self.fd.get_vcpu_events().map_err(self.kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            xcrs: self.fd.get_xcrs().map_err(self.kvm_err("KVM_GET_XCRS"))?,
+            xsave: self.fd.get_xsave().map_err(self.kvm_err("KVM_GET_XSAVE"))?,
+        })
+    }
+
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        self.fd.set_sregs(&s.sregs).map_err(self.kvm_err("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&s.regs).map_err(self.kvm_err("KVM_SET_REGS"))?;
+        self.fd.set_xcrs(&s.xcrs).map_err(self.kvm_err("KVM_SET_XCRS"))?;
+        // SAFETY: the kvm_xsave came from KVM_GET_XSAVE of the same layout.
+        unsafe { self.fd.set_xsave(&s.xsave) }.map_err(self.kvm_err("KVM_SET_XSAVE"))?;
+        self.fd.set_lapic(&s.lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        self.fd.set_mp_state(s.mp_state).map_err(self.kvm_err("KVM_SET_MP_STATE"))?;
+        self.fd.set_vcpu_events(&s.events).map_err(self.kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Runs the guest until it stops or `control` says stop.
+    fn run_loop(mut self, control: Arc<VcpuControl>, on_exit: Arc<dyn Fn(u8, VcpuExitReason) + Send + Sync>) {
+        loop {
+            if !control.wait_runnable() {
+                return;
+            }
+            let reason = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.pio.read(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.pio.write(u64::from(port), data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio.read(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio.write(addr, data);
+                    continue;
+                }
+                Ok(VcpuExit::Shutdown) => VcpuExitReason::Reset,
+                Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_RESET => VcpuExitReason::Reset,
+                Ok(VcpuExit::SystemEvent(t, _)) if t == KVM_SYSTEM_EVENT_SHUTDOWN => VcpuExitReason::PowerOff,
+                // With the in-kernel LAPIC, HLT exits only if the guest halts for good.
+                Ok(VcpuExit::Hlt) => VcpuExitReason::PowerOff,
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    VcpuExitReason::Error(format!("KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"))
+                }
+                Ok(VcpuExit::InternalError) => VcpuExitReason::Error(
+                    "KVM internal error (on a PVM-only host a standard guest cannot run: see `hull check`)".into(),
+                ),
+                Ok(other) => VcpuExitReason::Error(format!("unexpected exit {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => VcpuExitReason::Error(format!("KVM_RUN: {e}")),
+            };
+            control.mark_stopped();
+            on_exit(self.id, reason);
+            return;
+        }
+    }
+
+    /// Starts the vCPU thread (paused if `paused`).
+    pub fn start(
+        self,
+        paused: bool,
+        on_exit: Arc<dyn Fn(u8, VcpuExitReason) + Send + Sync>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler();
+        let control = Arc::new(VcpuControl::new(if paused { RunState::Paused } else { RunState::Running }));
+        let c = control.clone();
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.run_loop(c, on_exit))
+            .map_err(VcpuError::Spawn)?;
+        Ok(VcpuHandle { id, control, thread: Some(thread) })
+    }
+}
+
+/// CPUID as the guest should see it: its APIC ID, the vCPU count, and the
+/// hypervisor bit.
+fn patch_cpuid(cpuid: &mut CpuId, id: u8, num_cpus: u8) {
+    for e in cpuid.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(num_cpus) << 16);
+                e.ecx |= 1 << 31; // running under a hypervisor
+                e.edx |= 1 << 28; // HTT: the logical count above is valid
+            }
+            0xb => e.edx = u32::from(id),
+            _ => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+}
+
+struct VcpuControl {
+    state: Mutex<RunState>,
+    cv: Condvar,
+    /// True while the thread is inside (or about to enter) KVM_RUN.
+    in_guest: Mutex<bool>,
+}
+
+impl VcpuControl {
+    fn new(s: RunState) -> Self {
+        VcpuControl { state: Mutex::new(s), cv: Condvar::new(), in_guest: Mutex::new(false) }
+    }
+
+    /// Blocks while paused; false when the vCPU must stop.
+    fn wait_runnable(&self) -> bool {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            match *st {
+                RunState::Running => {
+                    *self.in_guest.lock().unwrap() = true;
+                    return true;
+                }
+                RunState::Paused => {
+                    *self.in_guest.lock().unwrap() = false;
+                    self.cv.notify_all();
+                    st = self.cv.wait(st).unwrap();
+                }
+                RunState::Stopping | RunState::Stopped => {
+                    *st = RunState::Stopped;
+                    *self.in_guest.lock().unwrap() = false;
+                    self.cv.notify_all();
+                    return false;
+                }
+            }
+        }
+    }
+
+    fn mark_stopped(&self) {
+        *self.state.lock().unwrap() = RunState::Stopped;
+        *self.in_guest.lock().unwrap() = false;
+        self.cv.notify_all();
+    }
+}
+
+/// The VMM's hold on a running vCPU thread.
+pub struct VcpuHandle {
+    id: u8,
+    control: Arc<VcpuControl>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// Moves the vCPU to `target` and kicks it out of KVM_RUN until it is
+    /// out of the guest (a signal can race with entering KVM_RUN, so kick
+    /// again until it is seen).
+    fn transition(&self, target: RunState) {
+        {
+            let mut st = self.control.state.lock().unwrap();
+            if *st == RunState::Stopped {
+                return;
+            }
+            *st = target;
+            self.control.cv.notify_all();
+        }
+        for _ in 0..2000 {
+            if !*self.control.in_guest.lock().unwrap() {
+                return;
+            }
+            if let Some(t) = &self.thread {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        log::warn!("vCPU {} did not leave KVM_RUN within 2 s", self.id);
+    }
+
+    pub fn pause(&self) {
+        self.transition(RunState::Paused);
+    }
+
+    pub fn resume(&self) {
+        let mut st = self.control.state.lock().unwrap();
+        if *st == RunState::Paused {
+            *st = RunState::Running;
+            self.control.cv.notify_all();
+        }
+    }
+
+    /// Stops and joins the thread.
+    pub fn stop(&mut self) {
+        self.transition(RunState::Stopping);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The handler does nothing: the signal's job is to make KVM_RUN return EINTR.
+        register_signal_handler(SIGRTMIN(), kick_handler).expect("registering the vCPU kick signal handler");
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::{memory, vm::Vm};
+
+    /// Host-side only: creating and configuring vCPUs works under any KVM,
+    /// PVM included. (Running a guest is tested in the lab.)
+    #[test]
+    fn configure_and_state_round_trip() {
+        let vm = Vm::new().expect("/dev/kvm");
+        let (mem, _f) = memory::create_memfd(64).unwrap();
+        vm.set_memory(&mem).unwrap();
+        vm.setup_irqchip().unwrap();
+        let vcpu = Vcpu::new(vm.fd(), 0, Bus::new(), Bus::new()).unwrap();
+        let entry = KernelEntry { mode: regs::EntryMode::Pvh, entry: 0x1000000 };
+        vcpu.configure(vm.kvm(), 2, &mem, Some(entry)).unwrap();
+        let s = vcpu.save_state().unwrap();
+        assert_eq!(s.regs.rip, 0x1000000);
+        assert_eq!(s.regs.rbx, crate::arch::x86_64::layout::PVH_INFO_START);
+        let json = serde_json::to_vec(&s).unwrap();
+        let back: VcpuState = serde_json::from_slice(&json).unwrap();
+        let vcpu2 = Vcpu::new(vm.fd(), 1, Bus::new(), Bus::new()).unwrap();
+        vcpu2.configure(vm.kvm(), 2, &mem, None).unwrap();
+        vcpu2.restore_state(&back).unwrap();
+        assert_eq!(vcpu2.save_state().unwrap().regs.rip, 0x1000000);
+    }
+
+    #[test]
+    fn cpuid_carries_apic_id_and_count() {
+        let kvm = Kvm::new().unwrap();
+        let mut c = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        patch_cpuid(&mut c, 3, 4);
+        let leaf1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(leaf1.ebx >> 24, 3);
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
+        assert_ne!(leaf1.ecx & (1 << 31), 0);
+    }
+}
