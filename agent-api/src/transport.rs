@@ -58,16 +58,17 @@ pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixS
 }
 
 pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
-    let mut s =
-        UnixStream::connect(path).map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+    let mut s = UnixStream::connect(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: CONNECT {port}: {e}", path.display()));
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(ctx)?;
     // Read the answer byte by byte: nothing past the newline may be consumed.
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 64 {
-        if s.read(&mut byte)? == 0 {
+        if s.read(&mut byte).map_err(ctx)? == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("{}: closed during CONNECT {port} (nothing listening on that guest port?)", path.display()),

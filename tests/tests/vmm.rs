@@ -76,7 +76,8 @@ fn busy_socket_paths_are_clear_errors_and_not_removed() {
     let k = guest_kernel();
     let busy = dir.path().join("busy.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&busy).unwrap();
-    let (code, err) = vmm(&["--kernel", k.to_str().unwrap(), "--vsock-socket", busy.to_str().unwrap(), "--console", "off"]);
+    let (code, err) =
+        vmm(&["--kernel", k.to_str().unwrap(), "--vsock-socket", busy.to_str().unwrap(), "--console", "off"]);
     assert_eq!(code, 1);
     assert!(err.contains("in use"), "{err}");
     assert!(busy.exists(), "the other process's socket was removed");

@@ -19,8 +19,9 @@ fn main() {
     let r = match scenario.as_str() {
         "vmm-boot" => vmm_boot(),
         "vmm-devices" => vmm_devices(),
+        "bench-boot" => bench_boot(),
         _ => {
-            eprintln!("usage: hull-e2e vmm-boot|vmm-devices");
+            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|bench-boot");
             std::process::exit(2);
         }
     };
@@ -187,3 +188,83 @@ fn vmm_devices() -> Result<()> {
     Ok(())
 }
 
+/// Boots the same kernel + initramfs `runs` times with hull-vmm and with QEMU
+/// `microvm` (vhost-vsock), timing process start → the agent's ready line on
+/// the console (polled the same way for both), and measures each monitor's
+/// RSS/PSS with a 128 MiB guest once the agent is ready. Prints a table and
+/// one `BENCH_JSON` line.
+fn bench_boot() -> Result<()> {
+    let runs: usize = std::env::var("HULL_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let kernel = guest_kernel();
+    let initrd = hull_tests::guest_initramfs();
+    // (monitor, boot times in ms, (RSS, PSS) per run)
+    type Runs = (&'static str, Vec<f64>, Vec<(u64, u64)>);
+    let mut results: Vec<Runs> = Vec::new();
+    for monitor in ["hull-vmm", "qemu-microvm"] {
+        let mut times = Vec::new();
+        let mut mem = Vec::new();
+        for i in 0..runs {
+            let dir = tempfile::tempdir()?;
+            let console = dir.path().join("console.log");
+            let mut cmd = if monitor == "hull-vmm" {
+                let mut c = Command::new(workspace_bin("hull-vmm"));
+                c.arg("--kernel").arg(&kernel).arg("--initrd").arg(&initrd).args(["--mem", "128"]);
+                c.arg("--vsock-socket").arg(dir.path().join("v.sock")).arg("--console").arg(&console);
+                c
+            } else {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host", "-m", "128", "-smp", "1"]);
+                c.args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+                c.arg("-kernel").arg(&kernel).arg("-initrd").arg(&initrd);
+                c.args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"]);
+                c.arg("-chardev").arg(format!("file,id=con,path={}", console.display()));
+                c.args(["-serial", "chardev:con"]);
+                c.args(["-device", &format!("vhost-vsock-device,guest-cid={}", 100 + i)]);
+                c
+            };
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+            let start = Instant::now();
+            let mut child = cmd.spawn().with_context(|| format!("starting {monitor}"))?;
+            let ready = loop {
+                let text = std::fs::read_to_string(&console).unwrap_or_default();
+                if text.contains("hull-agent: ready") {
+                    break start.elapsed();
+                }
+                if start.elapsed() > BOOT_TIMEOUT || child.try_wait()?.is_some() {
+                    let _ = child.kill();
+                    bail!("{monitor} run {i}: no ready line; console:\n{text}");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            mem.push(rss_pss_kib(child.id())?);
+            let _ = child.kill();
+            let _ = child.wait();
+            times.push(ready.as_secs_f64() * 1000.0);
+        }
+        results.push((monitor, times, mem));
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        s[s.len() / 2]
+    };
+    println!(
+        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "monitor", "min ms", "median ms", "max ms", "RSS KiB", "PSS KiB"
+    );
+    let mut json = Vec::new();
+    for (m, t, mem) in &results {
+        let (rss, pss) = mem[mem.len() / 2];
+        let min = t.iter().cloned().fold(f64::MAX, f64::min);
+        let max = t.iter().cloned().fold(0.0, f64::max);
+        println!("{m:<14} {min:>10.0} {:>10.0} {max:>10.0} {rss:>10} {pss:>10}", median(t));
+        json.push(format!(
+            r#"{{"monitor":"{m}","boot_to_ready_ms":{t:?},"median_ms":{:.1},"rss_kib":{rss},"pss_kib":{pss}}}"#,
+            median(t)
+        ));
+    }
+    let ratio = median(&results[1].1) / median(&results[0].1);
+    println!("qemu-microvm / hull-vmm median boot time: {ratio:.2}x (runs={runs}, 128 MiB, 1 vCPU)");
+    println!(r#"BENCH_JSON {{"runs":{runs},"results":[{}],"qemu_over_hull":{ratio:.3}}}"#, json.join(","));
+    Ok(())
+}

@@ -48,9 +48,9 @@ impl LabCommand {
     fn script(&self) -> String {
         let mut s = String::from("# written by hull-lab\n");
         s.push_str(&format!(
-            "cd {} || {{ echo 'hull-lab: cannot change to directory {}' >&2; exit 126; }}\n",
+            "cd {} || {{ echo {} >&2; exit 126; }}\n",
             quote(&self.cwd.to_string_lossy()),
-            self.cwd.display()
+            quote(&format!("hull-lab: cannot change to directory {}", self.cwd.display()))
         ));
         s.push_str("exec /usr/bin/env -i");
         for (k, v) in &self.env {

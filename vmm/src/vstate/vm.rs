@@ -126,6 +126,6 @@ mod tests {
         vm2.setup_irqchip().unwrap();
         vm2.restore_state(&back).unwrap();
         let s2 = vm2.save_state().unwrap();
-        assert_eq!(serde_json::to_value(&s2.ioapic).unwrap(), serde_json::to_value(&s.ioapic).unwrap());
+        assert_eq!(serde_json::to_value(s2.ioapic).unwrap(), serde_json::to_value(s.ioapic).unwrap());
     }
 }

@@ -38,7 +38,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 fn segment(entry: u64, index: u8) -> kvm_segment {
-    let base = (((entry >> 16) & 0xffffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xffffff) | ((entry >> 32) & 0xff00_0000);
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     if g == 1 {

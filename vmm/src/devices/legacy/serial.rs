@@ -63,8 +63,8 @@ mod tests {
         for b in b"hi\n" {
             s.write(0, &[*b]);
         }
-        s.write(0, &[b'x', b'y']);
-        s.write(99, &[b'z']);
+        s.write(0, b"xy");
+        s.write(99, b"z");
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         let mut lsr = [0u8];
         s.read(5, &mut lsr);

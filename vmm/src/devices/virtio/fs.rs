@@ -808,13 +808,17 @@ mod tests {
         fs.read_config(0, &mut c);
         assert_eq!(&c[..6], b"hullfs");
         assert_eq!(&c[TAG_LEN..], &1u32.to_le_bytes());
+        fs.set_acked_features(fs.avail_features());
+        activate_fs(fs)
+    }
 
+    /// Activates `fs` with fresh memfd memory and queues.
+    fn activate_fs(mut fs: Fs) -> Setup {
         let mem = memfd_memory();
         let queues = vec![DrvQueue::new(0x1_0000), DrvQueue::new(0x2_0000)];
         let evts: Vec<EventFd> = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
         let kicks = evts.iter().map(|e| e.try_clone().unwrap()).collect();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        fs.set_acked_features(fs.avail_features());
         fs.activate(ActivateArgs {
             mem: mem.clone(),
             interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
@@ -870,10 +874,13 @@ mod tests {
         fuse_init(&s);
         assert!(!s.fs.is_broken());
 
-        // Guest reset: rings stop, the device can be activated again.
+        // Guest reset: rings stop, the device can be activated again (new
+        // memory table, new rings).
         assert!(s.fs.reset());
         assert!(!s.fs.is_running());
         assert!(d.child.try_wait().unwrap().is_none(), "still connected");
+        let mut s = activate_fs(s.fs);
+        fuse_init(&s);
 
         s.fs.shutdown();
         assert!(d.exited_within(Duration::from_secs(10)), "virtiofsd must exit once the VMM drops the connection");

@@ -366,11 +366,14 @@ impl Muxer {
         Some(conn)
     }
 
-    /// Removes a connection and resets it in the guest.
+    /// Removes a connection and resets it in the guest (unless the guest
+    /// never heard of it: OP_REQUEST still unsent).
     fn kill(&mut self, key: ConnKey) {
         if let Some(mut conn) = self.remove(key) {
-            let hdr = conn.header(self.guest_cid, OP_RST);
-            self.push_ctrl(hdr);
+            if !conn.pending_request {
+                let hdr = conn.header(self.guest_cid, OP_RST);
+                self.push_ctrl(hdr);
+            }
         }
     }
 
@@ -438,7 +441,8 @@ impl Muxer {
         match h.op {
             OP_REQUEST => self.kill(key),
             OP_RESPONSE => {
-                if conn.state != ConnState::LocalInit {
+                // Only an answer to an OP_REQUEST the guest actually got.
+                if conn.state != ConnState::LocalInit || conn.pending_request {
                     self.kill(key);
                     return;
                 }

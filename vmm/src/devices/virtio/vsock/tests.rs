@@ -926,3 +926,19 @@ fn activated_device_thread_and_shutdown() {
         .is_err());
     drop(v);
 }
+
+#[test]
+fn host_giving_up_before_request_is_sent_is_silent() {
+    let mut h = Harness::new();
+    // No rx buffers: the OP_REQUEST cannot be delivered yet.
+    let c = h.connect_host(b"CONNECT 5\n");
+    h.settle();
+    assert_eq!(h.worker.muxer().num_connections(), 1);
+    drop(c);
+    h.settle();
+    assert_eq!(h.worker.muxer().num_connections(), 0);
+    // The guest never heard of the connection: neither REQUEST nor RST.
+    h.g.fill_rx(8);
+    h.settle();
+    assert!(h.g.inbox.is_empty(), "{:?}", h.g.inbox);
+}
