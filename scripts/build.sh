@@ -21,11 +21,15 @@ test_initramfs="$root/target/hull-test-initramfs.cpio.gz"
 target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busybox \
     --add "$root/tests/guest/test-init.sh:/test/init.sh" --out "$test_initramfs" >/dev/null
 
+# Debian's generic kernel (the lab's) doubles as a bzImage to test that boot path.
+bzimage="$(target/debug/hull-lab setup | sed -n 's/^kernel: *//p')"
+
 cat > target/hull-artifacts.env <<EOT
 export HULL_KERNEL=$kernel
 export HULL_INITRAMFS=$initramfs
 export HULL_TEST_INITRAMFS=$test_initramfs
 export HULL_AGENT=$agent
+export HULL_BZIMAGE=$bzimage
 export HULL_BIN_DIR=$root/target/debug
 EOT
 echo "build: kernel $kernel" >&2

@@ -9,7 +9,7 @@ if "$root/target/debug/hull" check >/dev/null; then
     exec "$@"
 fi
 envs=()
-for v in HULL_KERNEL HULL_INITRAMFS HULL_TEST_INITRAMFS HULL_AGENT HULL_BIN_DIR HULL_BENCH_RUNS; do
+for v in HULL_KERNEL HULL_INITRAMFS HULL_TEST_INITRAMFS HULL_AGENT HULL_BZIMAGE HULL_BIN_DIR HULL_BENCH_RUNS; do
     [[ -n "${!v:-}" ]] && envs+=(--env "$v=${!v}")
 done
 exec "$root/target/debug/hull-lab" run --timing --timeout "${HULL_LAB_TIMEOUT:-1800}" "${envs[@]}" -- "$@"

@@ -12,7 +12,7 @@ fn scenario(name: &str) -> String {
     let host = MicroVmHost::detect().expect("microVM host");
     let mut cmd = LabCommand::new(&[workspace_bin("hull-e2e").to_string_lossy().as_ref(), name])
         .timeout(Duration::from_secs(300));
-    for var in ["HULL_KERNEL", "HULL_INITRAMFS", "HULL_TEST_INITRAMFS", "HULL_BIN_DIR", "HOME"] {
+    for var in ["HULL_KERNEL", "HULL_INITRAMFS", "HULL_TEST_INITRAMFS", "HULL_BZIMAGE", "HULL_BIN_DIR", "HOME"] {
         if let Ok(v) = std::env::var(var) {
             cmd = cmd.env(var, &v);
         }
@@ -43,6 +43,12 @@ fn block_both_ways_virtiofs_and_reboot_exit_zero() {
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
+}
+
+#[test]
+fn boots_a_bzimage_with_the_64_bit_protocol() {
+    let out = scenario("vmm-bzimage");
+    assert!(out.contains("RESULT bzimage_boot=ok"), "{out}");
 }
 
 fn vmm(args: &[&str]) -> (i32, String) {

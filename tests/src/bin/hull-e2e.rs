@@ -19,9 +19,10 @@ fn main() {
     let r = match scenario.as_str() {
         "vmm-boot" => vmm_boot(),
         "vmm-devices" => vmm_devices(),
+        "vmm-bzimage" => vmm_bzimage(),
         "bench-boot" => bench_boot(),
         _ => {
-            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|bench-boot");
+            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|bench-boot");
             std::process::exit(2);
         }
     };
@@ -185,6 +186,30 @@ fn vmm_devices() -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     ensure!(!vm.vsock_socket().exists() && !vm.api_socket().exists(), "sockets left behind");
+    Ok(())
+}
+
+/// The 64-bit Linux boot protocol: boot a bzImage (Debian's generic kernel,
+/// given as HULL_BZIMAGE) to the test init, which reboots.
+fn vmm_bzimage() -> Result<()> {
+    let bz = hull_tests::artifact("HULL_BZIMAGE");
+    let dir = tempfile::tempdir()?;
+    let args = vec![
+        "--kernel".to_string(),
+        bz.display().to_string(),
+        "--initrd".into(),
+        test_initramfs().display().to_string(),
+        "--mem".into(),
+        "256".into(),
+        "--cmdline".into(),
+        cmdline("hulltest_end=reboot"),
+    ];
+    let mut vm = VmmProcess::spawn(&workspace_bin("hull-vmm"), dir.path(), &args)?;
+    let st = vm.wait_exit(Duration::from_secs(240))?;
+    let console = vm.console_text();
+    ensure!(st.success(), "hull-vmm exit status: {st}; console:\n{console}");
+    ensure!(console.contains("TEST done"), "bzImage guest did not run the test init; console:\n{console}");
+    println!("RESULT bzimage_boot=ok");
     Ok(())
 }
 
