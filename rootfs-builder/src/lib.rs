@@ -3,4 +3,5 @@
 //! zero, owners are root, inode numbers are assigned in order.
 
 pub mod cpio;
+pub mod image;
 pub mod initramfs;

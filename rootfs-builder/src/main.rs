@@ -27,6 +27,13 @@ enum Cmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+    /// Write a busybox root file system layer as a directory (test image).
+    BusyboxLayer {
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
 }
 
 fn parse_extra(s: &str) -> Result<(PathBuf, String), String> {
@@ -38,6 +45,10 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Initramfs { agent, busybox, extra, out } => {
             write_initramfs(&InitramfsSpec { agent, busybox, extra }, &out)?;
+            println!("{}", out.display());
+        }
+        Cmd::BusyboxLayer { busybox, out } => {
+            hull_rootfs_builder::image::busybox_layer(&busybox, &out)?;
             println!("{}", out.display());
         }
     }
