@@ -7,7 +7,8 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::Command;
 
-const DIRS: &[&str] = &["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "var", "home", "usr/bin", "usr/sbin", "sbin"];
+const DIRS: &[&str] =
+    &["bin", "dev", "etc", "proc", "sys", "tmp", "root", "run", "var", "home", "usr/bin", "usr/sbin", "sbin"];
 
 /// Writes a busybox layer into `out` (which must not exist): /bin/busybox,
 /// a symlink per applet, /etc/passwd and /etc/group.
@@ -15,7 +16,10 @@ pub fn busybox_layer(busybox: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         bail!("{} already exists", out.display());
     }
-    let list = Command::new(busybox).arg("--list").output().with_context(|| format!("running {} --list", busybox.display()))?;
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .with_context(|| format!("running {} --list", busybox.display()))?;
     if !list.status.success() {
         bail!("{} --list failed", busybox.display());
     }
@@ -23,13 +27,18 @@ pub fn busybox_layer(busybox: &Path, out: &Path) -> Result<()> {
         std::fs::create_dir_all(out.join(d))?;
     }
     std::fs::copy(busybox, out.join("bin/busybox")).with_context(|| format!("copying {}", busybox.display()))?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+    for applet in
+        String::from_utf8_lossy(&list.stdout).lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox")
+    {
         if applet.contains('/') || applet.starts_with('.') {
             continue;
         }
         symlink("busybox", out.join("bin").join(applet))?;
     }
-    std::fs::write(out.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n")?;
+    std::fs::write(
+        out.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )?;
     std::fs::write(out.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     std::fs::set_permissions(out.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
     Ok(())

@@ -5,3 +5,4 @@
 pub mod cpio;
 pub mod image;
 pub mod initramfs;
+pub mod oci;

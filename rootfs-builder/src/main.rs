@@ -27,6 +27,17 @@ enum Cmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+    /// Write an OCI image archive (for `ctr image import`) from a layer directory.
+    OciImage {
+        /// Layer directory (e.g. from busybox-layer).
+        #[arg(long)]
+        layer: PathBuf,
+        /// Image name, e.g. docker.io/library/hull-test:latest
+        #[arg(long)]
+        name: String,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
     /// Write a busybox root file system layer as a directory (test image).
     BusyboxLayer {
         #[arg(long, default_value = "/bin/busybox")]
@@ -45,6 +56,10 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Initramfs { agent, busybox, extra, out } => {
             write_initramfs(&InitramfsSpec { agent, busybox, extra }, &out)?;
+            println!("{}", out.display());
+        }
+        Cmd::OciImage { layer, name, out } => {
+            hull_rootfs_builder::oci::write_image_archive(&layer, &name, &out)?;
             println!("{}", out.display());
         }
         Cmd::BusyboxLayer { busybox, out } => {
