@@ -9,7 +9,9 @@ cd "$root"
 cargo build --workspace --all-targets
 # The agent is PID 1 of a guest with no libraries: a static glibc binary.
 # (--target keeps the static flag away from build scripts and proc macros.)
-CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
+# libseccomp (the container backend's seccomp) is linked statically from Debian's libseccomp-dev.
+LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+    CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS='-C target-feature=+crt-static' \
     cargo build --release -p hull-agent --target x86_64-unknown-linux-gnu
 agent="$root/target/x86_64-unknown-linux-gnu/release/hull-agent"
 

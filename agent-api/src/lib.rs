@@ -1,21 +1,88 @@
 //! The wire protocol between the host (shim, tools) and `hull-agent` in the guest.
 //!
-//! Until the ttrpc service lands, the agent speaks one line-based request over a
-//! vsock stream: `PING\n` is answered with `PONG <agent version>\n`.
+//! Two vsock ports on the guest side:
+//!
+//! - the API port ([`DEFAULT_AGENT_PORT`] = 1024, `hull.agent_port=N` on the
+//!   guest kernel command line): the ttrpc service `hull.agent.v1.Agent` of
+//!   `proto/agent.proto`. Messages and the generated async (tokio) server
+//!   trait and client are in [`proto`]; [`AgentClient`] is the host-side
+//!   client with per-call deadlines and [`ping`] its blocking readiness probe.
+//! - the STDIO port ([`DEFAULT_STDIO_PORT`] = 1025, `hull.stdio_port=N`):
+//!   one connection per process stream, see [`stdio`] for the protocol and
+//!   [`open_stdio`] for the host side.
+//!
+//! [`transport`] reaches either port over real vsock, hull-vmm's hybrid unix
+//! socket, or (an agent run outside a VM) a plain unix socket. [`validate`]
+//! holds the checks the agent applies to every request.
 
+pub mod client;
+pub mod stdio;
 pub mod transport;
+pub mod validate;
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+/// Generated from `proto/agent.proto` by ttrpc-codegen (see `build.rs`).
+pub mod proto {
+    /// The protobuf messages.
+    #[allow(
+        unknown_lints,
+        clippy::all,
+        dead_code,
+        missing_docs,
+        non_camel_case_types,
+        non_snake_case,
+        non_upper_case_globals,
+        trivial_casts,
+        unused_attributes,
+        unused_mut,
+        unused_results
+    )]
+    pub mod agent {
+        include!(concat!(env!("OUT_DIR"), "/agent.rs"));
+    }
 
-/// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+    /// The async ttrpc service: the `Agent` server trait, `create_agent`
+    /// (its registration for a `ttrpc::r#async::Server`) and `AgentClient`.
+    #[allow(
+        unknown_lints,
+        clippy::all,
+        dead_code,
+        missing_docs,
+        non_camel_case_types,
+        non_snake_case,
+        non_upper_case_globals,
+        trivial_casts,
+        unsafe_code,
+        unused_imports,
+        unused_results
+    )]
+    pub mod agent_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
+    }
+}
 
-/// Default vsock port the agent listens on (overridable by `hull.agent_port=` on
-/// the guest kernel command line).
+pub use client::{ping, AgentClient, ClientError};
+pub use stdio::{open_stdio, StdioHeader, StdioStream};
+pub use transport::AgentAddr;
+/// The ttrpc and protobuf crates the generated code is built on, for users
+/// that need their types (status codes, contexts, servers).
+pub use {protobuf, ttrpc};
+
+/// Version of the `hull.agent.v1` API this crate speaks (returned by Version);
+/// bumped on compatible additions.
+pub const API_VERSION: u32 = 1;
+
+/// Default vsock port of the agent's ttrpc API (overridable by
+/// `hull.agent_port=` on the guest kernel command line).
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
 
-/// Kernel command-line key that sets the agent's vsock port.
+/// Kernel command-line key that sets the agent's API vsock port.
 pub const CMDLINE_AGENT_PORT: &str = "hull.agent_port";
+
+/// Default vsock port of the agent's STDIO listener (see [`stdio`]).
+pub const DEFAULT_STDIO_PORT: u32 = 1025;
+
+/// Kernel command-line key that sets the agent's STDIO vsock port.
+pub const CMDLINE_STDIO_PORT: &str = "hull.stdio_port";
 
 /// Kernel command-line key: if set, once ready the agent connects to this
 /// host vsock port (CID 2) and sends [`READY_MARKER`] plus its version, so
@@ -27,118 +94,3 @@ pub const HOST_CID: u32 = 2;
 
 /// The line the agent prints on the console once it serves requests.
 pub const READY_MARKER: &str = "hull-agent: ready";
-
-/// The longest request line the agent accepts; longer input is an error.
-pub const MAX_LINE: usize = 4096;
-
-/// A request to the agent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    Ping,
-}
-
-/// Parses one request line (without the trailing newline).
-pub fn parse_request(line: &str) -> Result<Request, String> {
-    match line.trim_end_matches('\r') {
-        "PING" => Ok(Request::Ping),
-        "" => Err("empty request".to_string()),
-        other => {
-            let shown: String = other.chars().take(64).collect();
-            Err(format!("unknown request {shown:?}"))
-        }
-    }
-}
-
-/// The agent's answer to `PING`.
-pub fn pong_line(agent_version: &str) -> String {
-    format!("PONG {agent_version} proto={PROTOCOL_VERSION}\n")
-}
-
-/// Reads one `\n`-terminated line of at most [`MAX_LINE`] bytes.
-/// Returns `Ok(None)` on a clean end of stream before any byte.
-pub fn read_line<R: Read>(r: &mut BufReader<R>) -> io::Result<Option<String>> {
-    let mut buf = Vec::new();
-    let n = r.by_ref().take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            if buf.len() > MAX_LINE { "line too long" } else { "stream ended mid-line" },
-        ));
-    }
-    buf.pop();
-    String::from_utf8(buf).map(Some).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "line is not UTF-8"))
-}
-
-/// Client side: sends `PING` on an already connected stream and returns the
-/// agent's version string from the answer.
-pub fn ping<S: Read + Write>(stream: S) -> io::Result<String> {
-    let mut r = BufReader::new(stream);
-    r.get_mut().write_all(b"PING\n")?;
-    let line =
-        read_line(&mut r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "agent closed the stream"))?;
-    match line.strip_prefix("PONG ") {
-        Some(rest) => Ok(rest.to_string()),
-        None => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected answer to PING: {line:?}"))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Cursor;
-
-    #[test]
-    fn parses_ping_and_rejects_garbage() {
-        assert_eq!(parse_request("PING"), Ok(Request::Ping));
-        assert_eq!(parse_request("PING\r"), Ok(Request::Ping));
-        assert!(parse_request("").unwrap_err().contains("empty"));
-        assert!(parse_request("DROP TABLE").unwrap_err().contains("DROP TABLE"));
-    }
-
-    #[test]
-    fn read_line_limits_length() {
-        let long = vec![b'a'; MAX_LINE + 10];
-        let mut r = BufReader::new(Cursor::new(long));
-        let err = read_line(&mut r).unwrap_err();
-        assert_eq!(err.to_string(), "line too long");
-
-        let mut r = BufReader::new(Cursor::new(b"PING\nrest".to_vec()));
-        assert_eq!(read_line(&mut r).unwrap().as_deref(), Some("PING"));
-        assert_eq!(read_line(&mut r).unwrap_err().to_string(), "stream ended mid-line");
-
-        let mut r = BufReader::new(Cursor::new(Vec::new()));
-        assert_eq!(read_line(&mut r).unwrap(), None);
-    }
-
-    /// A fake agent end: what `ping` writes is captured, the reply is canned input.
-    struct Duplex {
-        input: Cursor<Vec<u8>>,
-        output: Vec<u8>,
-    }
-    impl Read for Duplex {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.input.read(buf)
-        }
-    }
-    impl Write for Duplex {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.output.write(buf)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn ping_round_trip() {
-        let mut d = Duplex { input: Cursor::new(pong_line("9.9").into_bytes()), output: vec![] };
-        assert_eq!(ping(&mut d).unwrap(), "9.9 proto=1");
-        assert_eq!(d.output, b"PING\n");
-
-        let mut d = Duplex { input: Cursor::new(b"NOPE\n".to_vec()), output: vec![] };
-        assert!(ping(&mut d).unwrap_err().to_string().contains("NOPE"));
-    }
-}

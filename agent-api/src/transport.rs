@@ -1,29 +1,73 @@
-//! Host-side ways to reach the agent's vsock port.
+//! Host-side ways to reach one of the agent's vsock ports (the ttrpc API port
+//! or the STDIO port).
 //!
 //! - `vsock`: a real AF_VSOCK connection (host kernel vsock, e.g. vhost-vsock).
 //! - `hybrid`: hull-vmm's user-space vsock, whose host side is a unix socket:
 //!   connect, write `CONNECT <port>\n`, and expect `OK <host port>\n`.
+//! - `unix`: a plain unix socket, for an agent run outside a VM
+//!   (`hull-agent --listen unix:///PATH`: tests, development).
+//!
+//! Every function here returns a connected, blocking [`UnixStream`] (a vsock
+//! stream socket behaves the same for reads, writes and timeouts).
 
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Where the agent is.
+/// Where the agent (one of its ports) is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentAddr {
-    Vsock { cid: u32, port: u32 },
-    Hybrid { socket: std::path::PathBuf, port: u32 },
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
+    Hybrid {
+        socket: PathBuf,
+        port: u32,
+    },
+    /// A unix socket the agent listens on directly (agent run outside a VM).
+    Unix {
+        path: PathBuf,
+    },
+}
+
+impl AgentAddr {
+    /// The same transport, another guest port (e.g. the STDIO port next to the
+    /// API port). A unix address has no port and is returned unchanged.
+    pub fn with_port(&self, port: u32) -> AgentAddr {
+        match self {
+            AgentAddr::Vsock { cid, .. } => AgentAddr::Vsock { cid: *cid, port },
+            AgentAddr::Hybrid { socket, .. } => AgentAddr::Hybrid { socket: socket.clone(), port },
+            AgentAddr::Unix { path } => AgentAddr::Unix { path: path.clone() },
+        }
+    }
+}
+
+impl fmt::Display for AgentAddr {
+    /// The form [`FromStr`] accepts.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentAddr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            AgentAddr::Hybrid { socket, port } => write!(f, "hybrid:{}:{port}", socket.display()),
+            AgentAddr::Unix { path } => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 impl FromStr for AgentAddr {
     type Err = String;
-    /// `vsock:CID:PORT` or `hybrid:PATH:PORT`.
+    /// `vsock:CID:PORT`, `hybrid:PATH:PORT` or `unix:PATH`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?}: expected vsock:CID:PORT or hybrid:SOCKET_PATH:PORT");
+        let bad = || format!("{s:?}: expected vsock:CID:PORT, hybrid:SOCKET_PATH:PORT or unix:SOCKET_PATH");
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            return if path.is_empty() { Err(bad()) } else { Ok(AgentAddr::Unix { path: path.into() }) };
+        }
         let (kind, rest) = s.split_once(':').ok_or_else(bad)?;
         let (head, port) = rest.rsplit_once(':').ok_or_else(bad)?;
         let port: u32 = port.parse().map_err(|_| format!("{s:?}: port {port:?} is not a number"))?;
@@ -43,7 +87,16 @@ pub fn connect_agent(addr: &AgentAddr, timeout: Duration) -> io::Result<UnixStre
     match addr {
         AgentAddr::Vsock { cid, port } => connect_vsock(*cid, *port, timeout),
         AgentAddr::Hybrid { socket, port } => connect_hybrid(socket, *port, timeout),
+        AgentAddr::Unix { path } => connect_unix(path, timeout),
     }
+}
+
+pub fn connect_unix(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let s =
+        UnixStream::connect(path).map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    Ok(s)
 }
 
 pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixStream> {
@@ -58,8 +111,8 @@ pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> io::Result<UnixS
 }
 
 pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<UnixStream> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
+    let mut s =
+        UnixStream::connect(path).map_err(|e| io::Error::new(e.kind(), format!("connect {}: {e}", path.display())))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let ctx = |e: io::Error| io::Error::new(e.kind(), format!("{}: CONNECT {port}: {e}", path.display()));
@@ -85,24 +138,6 @@ pub fn connect_hybrid(path: &Path, port: u32, timeout: Duration) -> io::Result<U
         line.push(byte[0]);
     }
     Err(io::Error::new(io::ErrorKind::InvalidData, "CONNECT answer too long"))
-}
-
-/// Connects and pings, retrying until `deadline` passes (the guest may still be booting).
-pub fn ping_until(addr: &AgentAddr, within: Duration) -> io::Result<String> {
-    let start = std::time::Instant::now();
-    loop {
-        let step = Duration::from_secs(5).min(within);
-        match connect_agent(addr, step).and_then(crate::ping) {
-            Ok(v) => return Ok(v),
-            Err(e) if start.elapsed() >= within => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("agent at {addr:?} did not answer within {within:?}: {e}"),
-                ))
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -131,7 +166,18 @@ mod tests {
     }
 
     #[test]
-    fn hybrid_handshake_and_ping() {
+    fn displays_what_it_parses() {
+        for s in ["vsock:3:1024", "hybrid:/run/a:b.sock:1025", "unix:/tmp/agent.sock"] {
+            assert_eq!(s.parse::<AgentAddr>().unwrap().to_string(), s);
+        }
+        assert_eq!("unix:///tmp/a".parse(), Ok(AgentAddr::Unix { path: "/tmp/a".into() }));
+        assert!("unix:".parse::<AgentAddr>().is_err());
+        let a: AgentAddr = "hybrid:/v.sock:1024".parse().unwrap();
+        assert_eq!(a.with_port(1025).to_string(), "hybrid:/v.sock:1025");
+    }
+
+    #[test]
+    fn hybrid_handshake() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.sock");
         let l = UnixListener::bind(&path).unwrap();
@@ -139,16 +185,18 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             let mut r = BufReader::new(s);
             assert_eq!(read_ok_line(&mut r).unwrap(), "CONNECT 1024\n");
-            r.get_mut().write_all(b"OK 1073741824\n").unwrap();
-            assert_eq!(read_ok_line(&mut r).unwrap(), "PING\n");
-            r.get_mut().write_all(crate::pong_line("1.2.3").as_bytes()).unwrap();
+            // The answer and the first payload bytes arrive together: the
+            // handshake must not swallow the payload.
+            r.get_mut().write_all(b"OK 1073741824\npayload").unwrap();
             // Second connection: refuse.
             let (s, _) = l.accept().unwrap();
             drop(s);
         });
         let addr = AgentAddr::Hybrid { socket: path.clone(), port: 1024 };
-        let v = connect_agent(&addr, Duration::from_secs(5)).and_then(crate::ping).unwrap();
-        assert!(v.starts_with("1.2.3"));
+        let mut s = connect_agent(&addr, Duration::from_secs(5)).unwrap();
+        let mut payload = [0u8; 7];
+        s.read_exact(&mut payload).unwrap();
+        assert_eq!(&payload, b"payload");
         let err = connect_hybrid(&path, 7, Duration::from_secs(5)).unwrap_err();
         assert!(err.to_string().contains("CONNECT 7"), "{err}");
         server.join().unwrap();

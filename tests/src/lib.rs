@@ -6,6 +6,8 @@
 //! `scripts/test.sh` exports them. A test run without them fails with a
 //! message saying so (never a silent skip).
 
+pub mod agent_e2e;
+pub mod pod;
 pub mod vm;
 
 use std::path::PathBuf;

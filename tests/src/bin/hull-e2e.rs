@@ -4,7 +4,7 @@
 //! and exits non-zero with a reason on the first failed check.
 
 use anyhow::{bail, ensure, Context, Result};
-use hull_agent_api::transport::connect_hybrid;
+use hull_agent_api::AgentAddr;
 use hull_tests::vm::{accept_line, listen_guest_port, rss_pss_kib, test_value, VmmProcess, NOTIFY_PORT};
 use hull_tests::{guest_kernel, test_initramfs, virtiofsd, workspace_bin};
 use hull_vmm::api::{ApiClient, Request, Response, VmStatus};
@@ -20,9 +20,10 @@ fn main() {
         "vmm-boot" => vmm_boot(),
         "vmm-devices" => vmm_devices(),
         "vmm-bzimage" => vmm_bzimage(),
+        "agent-containers" => hull_tests::agent_e2e::containers_in_vm(),
         "bench-boot" => bench_boot(),
         _ => {
-            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|bench-boot");
+            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|agent-containers|bench-boot");
             std::process::exit(2);
         }
     };
@@ -63,9 +64,10 @@ fn status(r: Response) -> Result<VmStatus> {
     }
 }
 
+/// The agent's version, from its ttrpc Version call over the hybrid vsock socket.
 fn ping(vm: &VmmProcess) -> Result<String> {
-    let s = connect_hybrid(&vm.vsock_socket(), 1024, Duration::from_secs(10))?;
-    Ok(hull_agent_api::ping(s)?)
+    let addr = AgentAddr::Hybrid { socket: vm.vsock_socket(), port: hull_agent_api::DEFAULT_AGENT_PORT };
+    Ok(hull_agent_api::ping(&addr, Duration::from_secs(10))?)
 }
 
 /// Boot to the agent's ready notification (guest→host vsock), ping it

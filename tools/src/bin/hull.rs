@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use hull_agent_api::transport::{ping_until, AgentAddr};
+use hull_agent_api::{ping, AgentAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -17,7 +17,8 @@ struct Cli {
 enum Cmd {
     /// Can this host run microVMs? Exit 0 if natively, 3 if only in the lab.
     Check,
-    /// Ping a hull agent: ADDR is vsock:CID:PORT or hybrid:SOCKET_PATH:PORT.
+    /// Ping a hull agent (its ttrpc Version call): ADDR is vsock:CID:PORT,
+    /// hybrid:SOCKET_PATH:PORT or unix:SOCKET_PATH.
     Ping {
         addr: AgentAddr,
         /// Keep retrying for this many seconds (the guest may still be booting).
@@ -44,8 +45,8 @@ fn real_main() -> Result<ExitCode> {
             Ok(if r.can_run_microvm() { ExitCode::SUCCESS } else { ExitCode::from(3) })
         }
         Cmd::Ping { addr, wait } => {
-            let v = ping_until(&addr, Duration::from_secs(wait))?;
-            println!("agent answered: {v}");
+            let v = ping(&addr, Duration::from_secs(wait))?;
+            println!("agent answered: version {v}");
             Ok(ExitCode::SUCCESS)
         }
     }

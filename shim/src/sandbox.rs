@@ -1,0 +1,590 @@
+//! A pod's microVM: its state directory, virtiofsd, hull-vmm, the agent
+//! connection and the writable-layer disk slots.
+//!
+//! Start order: host and file checks → state dir (`shared/` tmpfs, disks
+//! from the pool, pid files) → virtiofsd on `shared/` → listen on
+//! `vsock.sock_1023` → hull-vmm → the agent's ready line on that socket →
+//! ttrpc connection → SetupSandbox. Any failure undoes everything (processes
+//! stopped, mounts gone, directory removed) before the error is returned.
+
+use crate::config::Config;
+use crate::diskpool::{DiskPool, Taken};
+use crate::mounts;
+use crate::pod::Resources;
+use hull_agent_api::proto::agent::SetupSandboxRequest;
+use hull_agent_api::{AgentAddr, AgentClient, DEFAULT_AGENT_PORT, DEFAULT_STDIO_PORT, READY_MARKER};
+use log::{error, info, warn};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+/// Host vsock port the agent announces readiness on (`hull.notify_port`).
+pub const NOTIFY_PORT: u32 = 1023;
+/// The guest kernel command line.
+pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet hull.notify_port=1023";
+/// virtio-fs tag the agent mounts.
+pub const FS_TAG: &str = "hullfs";
+/// Per-call deadline of the agent client.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest unix socket path (sun_path, NUL included).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The files of `<state_dir>/<sandbox id>/`.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(dir: PathBuf) -> Self {
+        SandboxPaths { dir }
+    }
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+    pub fn disks(&self) -> PathBuf {
+        self.dir.join("disks")
+    }
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    pub fn notify_socket(&self) -> PathBuf {
+        self.dir.join(format!("vsock.sock_{NOTIFY_PORT}"))
+    }
+    pub fn api(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn virtiofsd_socket(&self) -> PathBuf {
+        self.dir.join("virtiofsd.sock")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn log(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}.log"))
+    }
+    pub fn pid_file(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}.pid"))
+    }
+    pub fn disk_serial(slot: usize) -> String {
+        format!("hullrw{slot}")
+    }
+    pub fn disk_image(&self, serial: &str) -> PathBuf {
+        self.disks().join(format!("{serial}.img"))
+    }
+}
+
+/// The last `lines` lines of a (log) file, for error reports.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The host check, as an error message for a host that cannot run hull microVMs.
+pub fn host_check() -> Result<(), String> {
+    host_error(&hull_tools::hostcheck::check()).map_or(Ok(()), Err)
+}
+
+/// Why a host with this report cannot run hull microVMs (None: it can).
+pub fn host_error(r: &hull_tools::hostcheck::HostReport) -> Option<String> {
+    use hull_tools::hostcheck::{CpuVirt, KvmDevice};
+    if r.can_run_microvm() {
+        return None;
+    }
+    Some(match &r.kvm {
+        _ if r.pvm || (matches!(r.kvm, KvmDevice::Usable { .. }) && r.cpu == CpuVirt::None) => {
+            "KVM here is PVM-only: hull microVMs need VMX/SVM (see `hull check`)".to_string()
+        }
+        KvmDevice::Missing => "no /dev/kvm: hull microVMs need KVM (see `hull check`)".to_string(),
+        KvmDevice::Unusable(why) => format!("/dev/kvm is unusable ({why}): hull microVMs need KVM (see `hull check`)"),
+        KvmDevice::Usable { .. } => format!("this host cannot run hull microVMs: {} (see `hull check`)", r.verdict()),
+    })
+}
+
+/// A child process watched by a task: its exit status lands in a watch channel.
+pub struct Watched {
+    pub pid: u32,
+    exited: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl Watched {
+    fn spawn(mut cmd: tokio::process::Command, what: &str) -> Result<Watched, String> {
+        let mut child = cmd.spawn().map_err(|e| format!("starting {what}: {e}"))?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = watch::channel(None);
+        let what = what.to_string();
+        tokio::spawn(async move {
+            let st = child.wait().await;
+            match st {
+                Ok(s) => {
+                    let _ = tx.send(Some(s));
+                }
+                Err(e) => error!("waiting for {what}: {e}"),
+            }
+        });
+        Ok(Watched { pid, exited: rx })
+    }
+
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exited.borrow()
+    }
+
+    /// Waits up to `t` for the exit.
+    pub async fn wait(&self, t: Duration) -> Option<ExitStatus> {
+        let mut rx = self.exited.clone();
+        tokio::time::timeout(t, rx.wait_for(|s| s.is_some())).await.ok().and_then(|r| r.ok().and_then(|s| *s))
+    }
+
+    /// Sends `sig` unless it exited (the pid cannot have been reused: the
+    /// child is reaped only by our waiter, which records the exit first).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if self.exit_status().is_none() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+        }
+    }
+
+    /// SIGTERM, wait `grace`, then SIGKILL and wait.
+    pub async fn stop(&self, grace: Duration) {
+        if self.exit_status().is_some() {
+            return;
+        }
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        if self.wait(grace).await.is_none() {
+            self.signal(nix::sys::signal::Signal::SIGKILL);
+            self.wait(Duration::from_secs(5)).await;
+        }
+    }
+}
+
+/// What the shim knows about a pod VM when it starts it.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub hostname: Option<String>,
+    pub resources: Resources,
+}
+
+pub struct Sandbox {
+    pub id: String,
+    pub paths: SandboxPaths,
+    pub agent: AgentClient,
+    /// The agent's STDIO port.
+    pub stdio_addr: AgentAddr,
+    vmm: Watched,
+    virtiofsd: Watched,
+    disk_slots: usize,
+    next_slot: AtomicUsize,
+    shutting_down: AtomicBool,
+    oom_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Processes and mounts of a pod being started, undone on failure.
+struct Partial {
+    paths: SandboxPaths,
+    virtiofsd: Option<Watched>,
+    vmm: Option<Watched>,
+}
+
+impl Partial {
+    async fn undo(self) {
+        if let Some(v) = &self.vmm {
+            v.stop(Duration::from_secs(2)).await;
+        }
+        if let Some(v) = &self.virtiofsd {
+            v.stop(Duration::from_secs(2)).await;
+        }
+        remove_state_dir(&self.paths.dir);
+    }
+}
+
+/// Unmounts everything under a pod's state directory and removes it.
+pub fn remove_state_dir(dir: &Path) {
+    if let Err(e) = mounts::unmount_all_under(dir) {
+        error!("{}: {e}", dir.display());
+    }
+    if let Err(e) = mounts::remove_dir_safely(dir) {
+        error!("{e}");
+    }
+}
+
+/// Is `pid` a live process whose executable is named like ours?
+pub fn is_live_shim(pid: i32) -> bool {
+    if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("containerd-shim-hull")))
+        .unwrap_or(false)
+}
+
+pub fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn write_pid(path: &Path, pid: u32) -> Result<(), String> {
+    fs::write(path, format!("{pid}\n")).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+fn log_file(path: &Path) -> Result<fs::File, String> {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("create {}: {e}", path.display()))
+}
+
+impl Sandbox {
+    /// Starts a pod VM as described in the module docs.
+    pub async fn start(cfg: &Config, spec: SandboxSpec) -> Result<Sandbox, String> {
+        hull_agent_api::validate::check_id("sandbox id", &spec.id)?;
+        host_check()?;
+        cfg.check_files()?;
+        let paths = SandboxPaths::new(cfg.sandbox_dir(&spec.id));
+        for p in [paths.notify_socket(), paths.virtiofsd_socket(), paths.api()] {
+            if p.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(format!(
+                    "socket path {} is longer than {MAX_SOCKET_PATH} bytes: use a shorter paths.state_dir",
+                    p.display()
+                ));
+            }
+        }
+        if paths.dir.exists() {
+            match read_pid(&paths.pid_file("shim")) {
+                Some(pid) if pid as u32 != std::process::id() && is_live_shim(pid) => {
+                    return Err(format!(
+                        "pod {} already runs under another shim (pid {pid}, state {})",
+                        spec.id,
+                        paths.dir.display()
+                    ))
+                }
+                _ => {
+                    warn!("pod {}: removing the leftovers of an earlier run in {}", spec.id, paths.dir.display());
+                    let d = paths.dir.clone();
+                    let done = tokio::task::spawn_blocking(move || crate::cleanup::cleanup_sandbox_dir(&d))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    info!("pod {}: {}", spec.id, done.join(", "));
+                }
+            }
+        }
+        fs::create_dir_all(&cfg.paths.state_dir)
+            .map_err(|e| format!("create {}: {e}", cfg.paths.state_dir.display()))?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&paths.dir)
+            .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
+        let mut partial = Partial { paths: paths.clone(), virtiofsd: None, vmm: None };
+        match Sandbox::start_in(cfg, &spec, &mut partial).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let console = tail(&paths.console(), 30);
+                if !console.is_empty() {
+                    error!("pod {}: start failed; guest console (last lines):\n{console}", spec.id);
+                }
+                for what in ["hull-vmm", "virtiofsd"] {
+                    let t = tail(&paths.log(what), 10);
+                    if !t.is_empty() {
+                        error!("pod {}: {what} output (last lines):\n{t}", spec.id);
+                    }
+                }
+                partial.undo().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_in(cfg: &Config, spec: &SandboxSpec, partial: &mut Partial) -> Result<Sandbox, String> {
+        let paths = partial.paths.clone();
+        let t0 = std::time::Instant::now();
+        write_pid(&paths.pid_file("shim"), std::process::id())?;
+        for d in [paths.shared(), paths.disks()] {
+            fs::create_dir(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        }
+        mounts::mount_shared_root(&paths.shared())?;
+
+        // Writable-layer disks: renames out of the pool, formatting only if it is empty.
+        let slots = cfg.defaults.disks_per_pod as usize;
+        if slots > 0 {
+            let pool =
+                DiskPool::new(cfg.disk_pool_dir(), cfg.defaults.disk_size_mib, cfg.defaults.disk_pool_size as usize)?;
+            let mut made = 0;
+            for slot in 0..slots {
+                let img = paths.disk_image(&SandboxPaths::disk_serial(slot));
+                let p = pool.clone();
+                let taken = tokio::task::spawn_blocking(move || p.take(&img)).await.map_err(|e| e.to_string())??;
+                if taken == Taken::MadeNow {
+                    made += 1;
+                }
+            }
+            if made > 0 {
+                warn!(
+                    "pod {}: the disk pool {} was empty: formatted {made} disk(s) while starting the pod",
+                    spec.id,
+                    pool.dir().display()
+                );
+            }
+            pool.refill_in_background();
+        }
+
+        // virtiofsd (see docs/config.md for the choice of flags).
+        let mut cmd = tokio::process::Command::new(&cfg.paths.virtiofsd);
+        cmd.arg(format!("--socket-path={}", paths.virtiofsd_socket().display()))
+            .arg(format!("--shared-dir={}", paths.shared().display()))
+            .args(["--sandbox=chroot", "--cache=always", "--xattr", "--thread-pool-size=0", "--log-level=warn"])
+            .stdin(Stdio::null())
+            .stdout(log_file(&paths.log("virtiofsd"))?)
+            .stderr(log_file(&paths.log("virtiofsd"))?);
+        let vfs = Watched::spawn(cmd, "virtiofsd")?;
+        write_pid(&paths.pid_file("virtiofsd"), vfs.pid)?;
+        partial.virtiofsd = Some(vfs);
+        let vfs = partial.virtiofsd.as_ref().unwrap();
+        let sock = paths.virtiofsd_socket();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            if let Some(st) = vfs.exit_status() {
+                return Err(format!(
+                    "virtiofsd exited ({st}) before creating its socket: {}",
+                    tail(&paths.log("virtiofsd"), 3)
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err("virtiofsd did not create its socket within 10s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // The agent connects to host port 1023 once it serves: listen first.
+        let notify = tokio::net::UnixListener::bind(paths.notify_socket())
+            .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?;
+
+        let r = spec.resources;
+        let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
+        cmd.arg("--kernel")
+            .arg(&cfg.paths.kernel)
+            .arg("--initrd")
+            .arg(&cfg.paths.initramfs)
+            .args(["--cmdline", CMDLINE])
+            .args(["--mem", &r.mem_mib.to_string(), "--vcpus", &r.vcpus.to_string()])
+            .arg("--vsock-socket")
+            .arg(paths.vsock())
+            .arg("--fs-socket")
+            .arg(format!("{},tag={FS_TAG}", paths.virtiofsd_socket().display()))
+            .arg("--console")
+            .arg(paths.console())
+            .arg("--api-socket")
+            .arg(paths.api());
+        for slot in 0..slots {
+            let serial = SandboxPaths::disk_serial(slot);
+            cmd.arg("--disk").arg(format!("{},id={serial}", paths.disk_image(&serial).display()));
+        }
+        cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
+        let vmm = Watched::spawn(cmd, "hull-vmm")?;
+        write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
+        partial.vmm = Some(vmm);
+        let vmm = partial.vmm.as_ref().unwrap();
+
+        let timeout = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs);
+        let ready = async {
+            loop {
+                let (conn, _) = notify.accept().await.map_err(|e| format!("accept on the notify socket: {e}"))?;
+                let mut line = String::new();
+                let mut r = tokio::io::BufReader::new(conn);
+                match tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await {
+                    Ok(Ok(_)) if line.starts_with(READY_MARKER) => {
+                        return Ok::<String, String>(line.trim().to_string())
+                    }
+                    Ok(Ok(_)) => warn!("pod {}: unexpected announcement {:?}", spec.id, line.trim()),
+                    _ => warn!("pod {}: a notify connection sent no line", spec.id),
+                }
+            }
+        };
+        let mut exited = vmm.exited.clone();
+        let line = tokio::select! {
+            r = tokio::time::timeout(timeout, ready) => match r {
+                Ok(r) => r?,
+                Err(_) => return Err(format!(
+                    "agent did not answer within {}s (pod {}; hull-vmm pid {}; the guest console's last lines are in the shim log)",
+                    timeout.as_secs(), spec.id, vmm.pid
+                )),
+            },
+            st = exited.wait_for(|s| s.is_some()) => {
+                let st = st.ok().and_then(|s| *s).map(|s| s.to_string()).unwrap_or_default();
+                return Err(format!(
+                    "hull-vmm exited ({st}) before the agent was ready: {}",
+                    tail(&paths.log("hull-vmm"), 3)
+                ));
+            }
+        };
+        drop(notify);
+        let _ = fs::remove_file(paths.notify_socket());
+        info!("pod {}: {line} ({} ms after start)", spec.id, t0.elapsed().as_millis());
+
+        let api = AgentAddr::Hybrid { socket: paths.vsock(), port: DEFAULT_AGENT_PORT };
+        let agent = AgentClient::connect(&api, AGENT_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
+        let mut entropy = vec![0u8; 32];
+        getrandom::getrandom(&mut entropy).map_err(|e| format!("getrandom: {e}"))?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let hostname = spec.hostname.clone().filter(|h| match hull_agent_api::validate::check_hostname(h) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("pod {}: not setting the hostname: {e}", spec.id);
+                false
+            }
+        });
+        let req = SetupSandboxRequest {
+            sandbox_id: spec.id.clone(),
+            hostname: hostname.unwrap_or_default(),
+            entropy,
+            wall_clock_unix_nanos: now.as_nanos() as i64,
+            ..Default::default()
+        };
+        agent.setup_sandbox(&req).await.map_err(|e| format!("agent SetupSandbox: {e}"))?;
+        info!(
+            "pod {}: ready in {} ms ({} vCPU, {} MiB, {slots} disk slots)",
+            spec.id,
+            t0.elapsed().as_millis(),
+            r.vcpus,
+            r.mem_mib
+        );
+
+        Ok(Sandbox {
+            id: spec.id.clone(),
+            stdio_addr: api.with_port(DEFAULT_STDIO_PORT),
+            agent,
+            vmm: partial.vmm.take().unwrap(),
+            virtiofsd: partial.virtiofsd.take().unwrap(),
+            disk_slots: slots,
+            next_slot: AtomicUsize::new(0),
+            shutting_down: AtomicBool::new(false),
+            oom_task: Mutex::new(None),
+            paths,
+        })
+    }
+
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm.pid
+    }
+
+    pub fn shared(&self) -> PathBuf {
+        self.paths.shared()
+    }
+
+    pub fn disk_slots(&self) -> usize {
+        self.disk_slots
+    }
+
+    /// The serial of the next unused disk slot; None once all are used.
+    pub fn take_disk_slot(&self) -> Option<String> {
+        let n = self.next_slot.fetch_add(1, Ordering::SeqCst);
+        (n < self.disk_slots).then(|| SandboxPaths::disk_serial(n))
+    }
+
+    pub fn set_oom_task(&self, t: tokio::task::JoinHandle<()>) {
+        *self.oom_task.lock().unwrap() = Some(t);
+    }
+
+    pub fn vm_running(&self) -> bool {
+        self.vmm.exit_status().is_none()
+    }
+
+    /// Shuts the VM down through the API (hull-vmm then exits and
+    /// virtiofsd follows), waits for both (killing what does not exit),
+    /// unmounts everything and removes the state directory.
+    pub async fn shutdown(&self) {
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(t) = self.oom_task.lock().unwrap().take() {
+            t.abort();
+        }
+        if self.vm_running() {
+            let api = self.paths.api();
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || {
+                    hull_vmm::api::ApiClient::connect(&api).and_then(|mut c| c.call(&hull_vmm::api::Request::Shutdown))
+                }),
+            )
+            .await;
+            match r {
+                Ok(Ok(Ok(hull_vmm::api::Response::Ok(_)))) => {}
+                other => warn!("pod {}: API shutdown: {other:?}", self.id),
+            }
+            if self.vmm.wait(Duration::from_secs(10)).await.is_none() {
+                warn!("pod {}: hull-vmm did not exit after shutdown; killing it", self.id);
+                self.vmm.stop(Duration::from_secs(1)).await;
+            }
+        }
+        // hull-vmm closed the vhost-user connection: virtiofsd exits by itself.
+        if self.virtiofsd.wait(Duration::from_secs(5)).await.is_none() {
+            warn!("pod {}: virtiofsd still running after hull-vmm exited; stopping it", self.id);
+            self.virtiofsd.stop(Duration::from_secs(2)).await;
+        }
+        let dir = self.paths.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_state_dir(&dir)).await;
+        info!("pod {}: shut down", self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hull_tools::hostcheck::{CpuVirt, HostReport, KvmDevice};
+
+    #[test]
+    fn host_errors() {
+        let usable = KvmDevice::Usable { api_version: 12 };
+        let ok = HostReport { kvm: usable.clone(), cpu: CpuVirt::Svm, pvm: false };
+        assert_eq!(host_error(&ok), None);
+        let pvm = HostReport { kvm: usable.clone(), cpu: CpuVirt::None, pvm: true };
+        assert_eq!(host_error(&pvm).unwrap(), "KVM here is PVM-only: hull microVMs need VMX/SVM (see `hull check`)");
+        let missing = HostReport { kvm: KvmDevice::Missing, cpu: CpuVirt::Vmx, pvm: false };
+        assert!(host_error(&missing).unwrap().contains("no /dev/kvm"));
+        let bad =
+            HostReport { kvm: KvmDevice::Unusable("open /dev/kvm: EACCES".into()), cpu: CpuVirt::Vmx, pvm: false };
+        assert!(host_error(&bad).unwrap().contains("EACCES"));
+    }
+
+    /// This host (PVM-only, per PLATFORM.md) must be refused with the PVM message.
+    #[test]
+    fn this_host() {
+        let r = hull_tools::hostcheck::check();
+        match host_check() {
+            Ok(()) => assert!(r.can_run_microvm()),
+            Err(e) if r.pvm => assert!(e.contains("PVM-only"), "{e}"),
+            Err(_) => assert!(!r.can_run_microvm()),
+        }
+    }
+
+    #[test]
+    fn log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("console.log");
+        fs::write(&p, (1..=100).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
+        assert_eq!(tail(&p, 2), "line 99\nline 100");
+        assert_eq!(tail(&dir.path().join("none"), 2), "");
+    }
+
+    #[test]
+    fn paths() {
+        let p = SandboxPaths::new("/run/hull/sb".into());
+        assert_eq!(p.notify_socket(), Path::new("/run/hull/sb/vsock.sock_1023"));
+        assert_eq!(p.disk_image(&SandboxPaths::disk_serial(2)), Path::new("/run/hull/sb/disks/hullrw2.img"));
+        hull_agent_api::validate::check_disk_serial(&SandboxPaths::disk_serial(16)).unwrap();
+        assert!(CMDLINE.contains("hull.notify_port=1023"));
+    }
+}

@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# End to end: containerd + containerd-shim-hull-v2 + hull-vmm + virtiofsd +
+# hull-agent, driven with ctr. Needs a KVM host (the lab), HULL_KERNEL,
+# HULL_INITRAMFS and HULL_BIN_DIR (target/hull-artifacts.env), containerd,
+# ctr, virtiofsd, mkfs.ext4 and script(1). Prints PASS/FAIL per check and
+# exits non-zero if any check failed.
+#
+#   . target/hull-artifacts.env && target/debug/hull-lab run --timeout 900 \
+#       --env HULL_KERNEL=$HULL_KERNEL --env HULL_INITRAMFS=$HULL_INITRAMFS \
+#       --env HULL_BIN_DIR=$HULL_BIN_DIR -- tests/scripts/shim-ctr.sh
+#
+# Set HULL_SHIM_CASES to a space-separated subset of: basic stdio exec tty
+# signal pod failures (default: all); HULL_SHIM_TIMEOUT bounds each ctr
+# command (seconds, default 300).
+set -u
+: "${HULL_KERNEL:?}" "${HULL_INITRAMFS:?}" "${HULL_BIN_DIR:?}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cases="${HULL_SHIM_CASES:-basic stdio exec tty signal pod failures}"
+tmo="${HULL_SHIM_TIMEOUT:-300}"
+work="$(mktemp -d /tmp/hull-shim-ctr.XXXXXX)"
+state=/run/hull-shim-test
+IMG=docker.io/library/hull-test:latest
+RT=(--runtime io.containerd.hull.v2)
+fails=0
+passes=0
+
+pass() { echo "PASS $*"; passes=$((passes + 1)); }
+fail() { echo "FAIL $*" >&2; fails=$((fails + 1)); }
+# check NAME WANT GOT
+check() {
+    if [ "$2" = "$3" ]; then pass "$1"; else fail "$1: want $(printf %q "$2"), got $(printf %q "$3")"; fi
+}
+# check_contains NAME NEEDLE HAYSTACK
+check_contains() {
+    case "$3" in
+        *"$2"*) pass "$1" ;;
+        *) fail "$1: $(printf %q "$2") not in: $3" ;;
+    esac
+}
+
+# --- the shim, its config, containerd ------------------------------------
+mkdir -p "$work/bin"
+ln -s "$HULL_BIN_DIR/containerd-shim-hull-v2" "$work/bin/containerd-shim-hull-v2"
+export PATH="$work/bin:$PATH"
+virtiofsd="$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")"
+export HULL_CONFIG="$work/config.toml"
+# write_config [KERNEL [READY_TIMEOUT [EXTRA_DEFAULTS_LINE]]]
+write_config() {
+    cat > "$HULL_CONFIG" <<EOT
+[paths]
+kernel = "${1:-$HULL_KERNEL}"
+initramfs = "$HULL_INITRAMFS"
+hull_vmm = "$HULL_BIN_DIR/hull-vmm"
+virtiofsd = "$virtiofsd"
+state_dir = "$state"
+
+[defaults]
+vcpus = 1
+mem_mib = 256
+disks_per_pod = 4
+disk_size_mib = 1024
+disk_pool_size = 4
+agent_ready_timeout_secs = ${2:-240}
+log_level = "debug"
+${3:-}
+EOT
+}
+write_config
+# containerd inherits PATH and HULL_CONFIG and passes them to the shims.
+. "$root/tests/scripts/containerd-env.sh"
+set +e
+CTR=(ctr --address "$HULL_CTRD_DIR/containerd.sock")
+
+dump_logs() {
+    echo "--- containerd log (shim lines, last 80) ---" >&2
+    grep -a -i 'hull\|shim' "$HULL_CTRD_DIR/containerd.log" | tail -n 80 >&2
+}
+finish() {
+    [ "$fails" -gt 0 ] && dump_logs
+    "${CTR[@]}" task ls 2>/dev/null | awk 'NR>1 {print $1}' | while read -r t; do
+        "${CTR[@]}" task kill -s SIGKILL "$t" >/dev/null 2>&1
+        sleep 1
+        "${CTR[@]}" task delete -f "$t" >/dev/null 2>&1
+    done
+    kill "$HULL_CTRD_PID" 2>/dev/null
+    wait "$HULL_CTRD_PID" 2>/dev/null
+    echo "shim-ctr: $passes passed, $fails failed"
+}
+trap finish EXIT
+
+# Pre-format the disk pool so pod starts only rename images.
+containerd-shim-hull-v2 fill-disk-pool || fail "fill-disk-pool"
+
+# --- the test image --------------------------------------------------------
+"$HULL_BIN_DIR/hull-rootfs-builder" busybox-layer --out "$work/layer" >/dev/null || { fail "busybox layer"; exit 1; }
+"$HULL_BIN_DIR/hull-rootfs-builder" oci-image --layer "$work/layer" --name "$IMG" --out "$work/image.tar" >/dev/null \
+    || { fail "oci image"; exit 1; }
+"${CTR[@]}" image import "$work/image.tar" >/dev/null || { fail "ctr image import"; exit 1; }
+
+# run_rm ID ARGS...: ctr run --rm with stdin from /dev/null; sets OUT ERR RC.
+run_rm() {
+    local id=$1
+    shift
+    timeout "$tmo" "${CTR[@]}" run --rm "${RT[@]}" "$IMG" "$id" "$@" </dev/null >"$work/$id.out" 2>"$work/$id.err"
+    RC=$?
+    OUT="$(cat "$work/$id.out")"
+    ERR="$(cat "$work/$id.err")"
+}
+
+# wait_stopped ID: until ctr task ls shows it STOPPED (60 s).
+wait_stopped() {
+    local i=0
+    until "${CTR[@]}" task ls 2>/dev/null | awk -v t="$1" '$1 == t {print $3}' | grep -q STOPPED; do
+        i=$((i + 1))
+        [ "$i" -gt 600 ] && return 1
+        sleep 0.1
+    done
+}
+
+# vmm_count [PATTERN]: hull-vmm processes (whose command line matches PATTERN).
+vmm_count() { pgrep -f "hull-vmm.*${1:-}" | wc -l; }
+
+# nothing_left WHAT: no hull-vmm, virtiofsd or pod directories, no mounts under the state dir.
+nothing_left() {
+    local i=0
+    while [ "$(vmm_count)" -gt 0 ] || pgrep -x virtiofsd >/dev/null; do
+        i=$((i + 1))
+        [ "$i" -gt 100 ] && break
+        sleep 0.1
+    done
+    check "$1: no hull-vmm left" 0 "$(vmm_count)"
+    check "$1: no virtiofsd left" 0 "$(pgrep -x virtiofsd | wc -l)"
+    check "$1: only the disk pool in the state dir" "diskpool" "$(ls "$state" 2>/dev/null | tr '\n' ' ' | sed 's/ $//')"
+    check "$1: no mounts under the state dir" 0 "$(grep -c " $state/" /proc/self/mountinfo)"
+}
+
+has() { case " $cases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# --- basic: echo hi; exit 3 -----------------------------------------------
+if has basic; then
+    t0=$(date +%s%N)
+    run_rm basic1 sh -c 'echo hi; exit 3'
+    echo "INFO ctr run --rm (boot, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    check "basic: output" "hi" "$OUT"
+    check "basic: exit status" 3 "$RC"
+    [ "$RC" = 3 ] || echo "$ERR" >&2
+    run_rm basic2 sh -c 'echo data > /newfile && cat /newfile && rm /bin/ls && ! test -e /bin/ls && echo removed'
+    check "basic: writable layer" "$(printf 'data\nremoved')" "$OUT"
+    check "basic: writable layer exit" 0 "$RC"
+    nothing_left basic
+fi
+
+# --- stdio: stderr apart, big output from a fast exit, stdin ---------------
+if has stdio; then
+    run_rm stdio1 sh -c 'echo out; echo err >&2'
+    check "stdio: stdout" out "$OUT"
+    check "stdio: stderr" err "$ERR"
+    run_rm stdio2 seq 1 100000
+    check "stdio: 100000 lines from a process that exits at once" 100000 "$(wc -l < "$work/stdio2.out")"
+    check "stdio: last line" 100000 "$(tail -n 1 "$work/stdio2.out")"
+    printf 'line one\nline two\n' | timeout "$tmo" "${CTR[@]}" run --rm "${RT[@]}" "$IMG" stdio3 cat >"$work/stdio3.out" 2>&1
+    check "stdio: stdin to cat" "$(printf 'line one\nline two')" "$(cat "$work/stdio3.out")"
+    nothing_left stdio
+fi
+
+# --- exec, ps, kill on a detached task ---------------------------------------
+if has exec; then
+    timeout "$tmo" "${CTR[@]}" run -d "${RT[@]}" "$IMG" exec1 sleep 1000 </dev/null >/dev/null 2>"$work/exec1.err"
+    check "exec: detached run" 0 $?
+    out="$(timeout "$tmo" "${CTR[@]}" task exec --exec-id e1 exec1 sh -c 'echo exec-ok; exit 5' </dev/null 2>&1)"
+    rc=$?
+    check "exec: output" exec-ok "$out"
+    check "exec: exit status" 5 "$rc"
+    out="$(timeout "$tmo" "${CTR[@]}" task exec --exec-id e2 exec1 sh -c 'cat; echo done' <<<"from-stdin" 2>&1)"
+    check "exec: stdin" "$(printf 'from-stdin\ndone')" "$out"
+    check "exec: ps lists processes" 1 "$("${CTR[@]}" task ps exec1 2>/dev/null | awk 'NR>1' | wc -l | awk '{print ($1 >= 1)}')"
+    "${CTR[@]}" task pause exec1 && "${CTR[@]}" task ls | grep -q 'exec1.*PAUSED'
+    check "exec: pause" 0 $?
+    "${CTR[@]}" task resume exec1 && "${CTR[@]}" task ls | grep -q 'exec1.*RUNNING'
+    check "exec: resume" 0 $?
+    "${CTR[@]}" task kill -s SIGKILL exec1
+    wait_stopped exec1
+    check "exec: killed task stops" 0 $?
+    "${CTR[@]}" task delete exec1 >/dev/null 2>&1
+    check "exec: task delete exit status (SIGKILL)" 137 $?
+    "${CTR[@]}" container delete exec1
+    nothing_left exec
+fi
+
+# --- tty: ctr run -t and exec -t (script(1) gives ctr a terminal) ----------
+if has tty; then
+    out="$(timeout "$tmo" script -qec "${CTR[*]} run --rm -t ${RT[*]} $IMG tty1 sh -c 'tty; echo tty-ok; exit 4'" /dev/null </dev/null)"
+    rc=$?
+    check_contains "tty: run -t has a pty" "/dev/pts/" "$out"
+    check_contains "tty: run -t output" "tty-ok" "$out"
+    check "tty: run -t exit status" 4 "$rc"
+    timeout "$tmo" "${CTR[@]}" run -d "${RT[@]}" "$IMG" tty2 sleep 1000 </dev/null >/dev/null 2>&1
+    out="$(timeout "$tmo" script -qec "${CTR[*]} task exec -t --exec-id t1 tty2 sh -c 'stty size; echo exec-tty-ok'" /dev/null </dev/null)"
+    check_contains "tty: exec -t output" "exec-tty-ok" "$out"
+    "${CTR[@]}" task kill -s SIGKILL tty2
+    wait_stopped tty2
+    "${CTR[@]}" task delete tty2 >/dev/null 2>&1
+    "${CTR[@]}" container delete tty2
+    nothing_left tty
+fi
+
+# --- signal: SIGTERM to a process that traps it ------------------------------
+if has signal; then
+    timeout "$tmo" "${CTR[@]}" run -d "${RT[@]}" "$IMG" sig1 sh -c 'trap "exit 42" TERM; while :; do sleep 0.1; done' </dev/null >/dev/null 2>&1
+    sleep 1
+    "${CTR[@]}" task kill -s SIGTERM sig1
+    wait_stopped sig1
+    check "signal: task stops on SIGTERM" 0 $?
+    "${CTR[@]}" task delete sig1 >/dev/null 2>&1
+    check "signal: exit status from the trap" 42 $?
+    "${CTR[@]}" container delete sig1
+    nothing_left signal
+fi
+
+# --- pod: a CRI-style sandbox and two containers in one VM -----------------
+if has pod; then
+    pod=(--annotation io.kubernetes.cri.sandbox-id=pod1)
+    timeout "$tmo" "${CTR[@]}" run -d "${RT[@]}" --annotation io.kubernetes.cri.container-type=sandbox "${pod[@]}" \
+        --annotation io.kubernetes.cri.sandbox-memory=134217728 "$IMG" pod1 sleep 100000 </dev/null >/dev/null 2>"$work/pod1.err"
+    check "pod: sandbox starts" 0 $?
+    for c in pod1-c1 pod1-c2; do
+        timeout "$tmo" "${CTR[@]}" run -d "${RT[@]}" --annotation io.kubernetes.cri.container-type=container "${pod[@]}" \
+            "$IMG" "$c" sleep 100000 </dev/null >/dev/null 2>"$work/$c.err"
+        check "pod: $c starts" 0 $?
+    done
+    check "pod: one VM for the pod" 1 "$(vmm_count "$state/pod1/")"
+    check "pod: one VM in all" 1 "$(vmm_count)"
+    check "pod: one shim for the pod" 1 "$(pgrep -f 'containerd-shim-hull-v2 .*-id pod1 ' | wc -l)"
+    "${CTR[@]}" task exec --exec-id w pod1-c1 sh -c 'echo mine > /only-c1' </dev/null
+    "${CTR[@]}" task exec --exec-id r pod1-c2 test -e /only-c1 </dev/null
+    check "pod: containers have their own writable layers" 1 $?
+    h1="$("${CTR[@]}" task exec --exec-id h pod1-c1 hostname </dev/null)"
+    h2="$("${CTR[@]}" task exec --exec-id h pod1-c2 hostname </dev/null)"
+    check "pod: containers share the pod's hostname" "$h1" "$h2"
+    mem="$("${CTR[@]}" task exec --exec-id m pod1-c1 awk '/MemTotal/ {print $2}' /proc/meminfo </dev/null)"
+    check "pod: VM memory = 256 MiB base + 128 MiB pod limit" 1 "$(awk -v m="${mem:-0}" 'BEGIN {print (m > 330000 && m < 400000)}')"
+    for c in pod1-c1 pod1-c2; do
+        "${CTR[@]}" task kill -s SIGKILL "$c"
+        wait_stopped "$c"
+        "${CTR[@]}" task delete "$c" >/dev/null 2>&1
+        "${CTR[@]}" container delete "$c"
+    done
+    check "pod: VM stays while the sandbox lives" 1 "$(vmm_count "$state/pod1/")"
+    "${CTR[@]}" task kill -s SIGKILL pod1
+    wait_stopped pod1
+    "${CTR[@]}" task delete pod1 >/dev/null 2>&1
+    "${CTR[@]}" container delete pod1
+    nothing_left pod
+fi
+
+# --- failures: clear errors, nothing left behind --------------------------
+if has failures; then
+    write_config /nonexistent/vmlinux
+    run_rm fail1 true
+    check "failures: missing kernel fails" 1 "$([ "$RC" -ne 0 ] && echo 1 || echo 0)"
+    check_contains "failures: missing kernel names path and key" \
+        "guest kernel /nonexistent/vmlinux not found (set paths.kernel" "$ERR"
+    "${CTR[@]}" container delete fail1 >/dev/null 2>&1
+    nothing_left "failures (kernel)"
+
+    write_config "$HULL_KERNEL" 240 "bogus_key = 1"
+    run_rm fail2 true
+    check_contains "failures: unknown config key" "unknown field \`bogus_key\`" "$ERR"
+    "${CTR[@]}" container delete fail2 >/dev/null 2>&1
+
+    write_config "$HULL_KERNEL" 1
+    run_rm fail3 true
+    check_contains "failures: agent timeout" "agent did not answer within 1s" "$ERR"
+    "${CTR[@]}" container delete fail3 >/dev/null 2>&1
+    nothing_left "failures (timeout)"
+    write_config
+fi
+
+# --- the end: nothing left at all -------------------------------------------
+sleep 1
+check "end: no shim processes left" 0 "$(pgrep -f containerd-shim-hull-v2 | wc -l)"
+check "end: no tasks left" 0 "$("${CTR[@]}" task ls 2>/dev/null | awk 'NR>1' | wc -l)"
+nothing_left end
+[ "$fails" -eq 0 ]
