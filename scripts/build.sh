@@ -23,6 +23,11 @@ test_initramfs="$root/target/hull-test-initramfs.cpio.gz"
 target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busybox \
     --add "$root/tests/guest/test-init.sh:/test/init.sh" --out "$test_initramfs" >/dev/null
 
+# The agent's container tests need cgroup v2 and root: they are #[ignore]d
+# natively and run in the lab by tests/tests/agent.rs, from this binary.
+agent_test_bin="$(cargo test -p hull-agent --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*hull_agent-[^"]*\)".*/\1/p' | tail -n1)"
+
 # Debian's generic kernel (the lab's) doubles as a bzImage to test that boot path.
 bzimage="$(target/debug/hull-lab setup | sed -n 's/^kernel: *//p')"
 
@@ -33,6 +38,7 @@ export HULL_TEST_INITRAMFS=$test_initramfs
 export HULL_AGENT=$agent
 export HULL_BZIMAGE=$bzimage
 export HULL_BIN_DIR=$root/target/debug
+export HULL_AGENT_TEST_BIN=$agent_test_bin
 EOT
 echo "build: kernel $kernel" >&2
 echo "build: initramfs $initramfs ($(sha256sum "$initramfs" | cut -c1-16))" >&2

@@ -966,6 +966,79 @@ fn lab_bench_create() {
     let _ = std::io::stdout().lock().write_all(line.as_bytes());
 }
 
+/// create → running under a burst: N containers created and started at once
+/// (N = 1, 8, 32), pooled cgroups vs made on the spot, alternating rounds in
+/// the same run. Prints one `BENCH concurrent=N ...` line per N with the
+/// per-container mean/p50/max latency, the burst's wall time and the
+/// fresh/pooled ratio.
+#[test]
+#[ignore = "needs cgroup v2: run in the lab"]
+fn lab_bench_create_concurrent() {
+    let rounds: usize = std::env::var("HULL_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let (pooled_lab, fresh_lab) = (lab_backend("hullbench-cpooled", 32), lab_backend("hullbench-cfresh", 0));
+    let (pb, fb) = (&pooled_lab.backend, &fresh_lab.backend);
+    bench_once(pb, "warm");
+    bench_once(fb, "warm");
+    let mut out = String::new();
+    for n in [1usize, 8, 32] {
+        let (mut p, mut f, mut pw, mut fw) = (Vec::new(), Vec::new(), Duration::ZERO, Duration::ZERO);
+        for r in 0..rounds {
+            let (lat, wall) = burst(pb, n, &format!("p{n}r{r}"));
+            p.extend(lat);
+            pw += wall;
+            let (lat, wall) = burst(fb, n, &format!("f{n}r{r}"));
+            f.extend(lat);
+            fw += wall;
+        }
+        let pmax = p.iter().cloned().fold(0.0, f64::max);
+        let fmax = f.iter().cloned().fold(0.0, f64::max);
+        let (pooled, fresh) = (mean_median(p), mean_median(f));
+        out.push_str(&format!(
+            "BENCH concurrent={n} pooled_mean_ms={:.1} pooled_p50_ms={:.1} pooled_max_ms={pmax:.1} pooled_wall_ms={:.1} \
+             fresh_mean_ms={:.1} fresh_p50_ms={:.1} fresh_max_ms={fmax:.1} fresh_wall_ms={:.1} fresh_over_pooled={:.3} rounds={rounds}\n",
+            pooled.0,
+            pooled.1,
+            pw.as_secs_f64() * 1000.0 / rounds as f64,
+            fresh.0,
+            fresh.1,
+            fw.as_secs_f64() * 1000.0 / rounds as f64,
+            fresh.0 / pooled.0,
+        ));
+    }
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
+}
+
+/// Creates and starts `n` containers from `n` threads at once; returns each
+/// one's create→running time (ms) and the burst's wall time, then deletes
+/// them and waits for the pool to refill.
+fn burst(b: &LibcontainerBackend, n: usize, tag: &str) -> (Vec<f64>, Duration) {
+    let t0 = Instant::now();
+    let lat: Vec<f64> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let id = format!("{tag}-{i}");
+                s.spawn(move || {
+                    let t = Instant::now();
+                    create(b, &id, spec(&["sleep", "1000"]), NO_STDIO);
+                    b.start(&id).unwrap();
+                    t.elapsed().as_secs_f64() * 1000.0
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let wall = t0.elapsed();
+    for i in 0..n {
+        b.delete(&format!("{tag}-{i}"), true).unwrap();
+    }
+    let want = b.config().pool_size as u32;
+    let t = Instant::now();
+    while b.counts().1 < want && t.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (lat, wall)
+}
+
 /// Creates and starts one container, deletes it, and lets the pool worker
 /// catch up (as it would between pod starts); returns the create→running
 /// time in ms.
