@@ -35,7 +35,13 @@ fn drain(mut s: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<Strin
 }
 
 /// Runs `args` in `container` via exec and returns (exit status, stdout).
-async fn exec(c: &AgentClient, addr: &AgentAddr, container: &str, exec_id: &str, args: &[&str]) -> Result<(i32, String)> {
+async fn exec(
+    c: &AgentClient,
+    addr: &AgentAddr,
+    container: &str,
+    exec_id: &str,
+    args: &[&str],
+) -> Result<(i32, String)> {
     let req = ExecProcessRequest {
         container_id: container.into(),
         exec_id: exec_id.into(),
@@ -138,7 +144,14 @@ pub fn containers_in_vm() -> Result<()> {
         println!("RESULT exec_in_c2=ok");
         let (st, _) = exec(&c, &addr, "c3", "e1", &["test", "-e", "/written-by-c2"]).await?;
         ensure!(st == 1, "c3 sees c2's file (mount namespaces not isolated): test -e gave {st}");
-        let (_, out) = exec(&c, &addr, "c2", "e2", &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'"]).await?;
+        let (_, out) = exec(
+            &c,
+            &addr,
+            "c2",
+            "e2",
+            &["sh", "-c", "cat /proc/1/cmdline | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'"],
+        )
+        .await?;
         ensure!(out.starts_with("sh -c echo c2"), "c2's pid 1 is not its own init: {out:?}");
         println!("RESULT isolation=ok pid1_in_c2={:?}", out.lines().next().unwrap_or(""));
 
@@ -156,7 +169,13 @@ pub fn containers_in_vm() -> Result<()> {
         ensure!(st.exit_status == 137, "SIGKILL exit status {}", st.exit_status);
 
         // 4. Bad input gets a named error and the agent keeps serving.
-        match c.create_container(&CreateContainerRequest { layers: vec!["../../etc".into()], ..create_req("bad", &["true"], "")? }).await {
+        match c
+            .create_container(&CreateContainerRequest {
+                layers: vec!["../../etc".into()],
+                ..create_req("bad", &["true"], "")?
+            })
+            .await
+        {
             Err(e) => ensure!(e.to_string().contains(".."), "error does not name the problem: {e}"),
             Ok(_) => bail!("a layer path with .. was accepted"),
         }

@@ -57,7 +57,8 @@ pub fn ext4_disk(path: &Path, mib: u64) -> Result<()> {
     let f = std::fs::File::create(path)?;
     f.set_len(mib << 20)?;
     drop(f);
-    let out = Command::new("mkfs.ext4").args(["-q", "-F", "-E", "root_owner=0:0"]).arg(path).output().context("mkfs.ext4")?;
+    let out =
+        Command::new("mkfs.ext4").args(["-q", "-F", "-E", "root_owner=0:0"]).arg(path).output().context("mkfs.ext4")?;
     ensure!(out.status.success(), "mkfs.ext4 {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     Ok(())
 }

@@ -40,8 +40,9 @@ fn containers_in_a_microvm() {
 fn container_library_tests_in_the_lab() {
     let bin = hull_tests::artifact("HULL_AGENT_TEST_BIN");
     let lab = hull_tools::lab::Lab::new().expect("lab");
-    let cmd = LabCommand::new(&[bin.to_string_lossy().as_ref(), "--ignored", "--test-threads=1", "--skip", "lab_bench"])
-        .timeout(Duration::from_secs(900));
+    let cmd =
+        LabCommand::new(&[bin.to_string_lossy().as_ref(), "--ignored", "--test-threads=1", "--skip", "lab_bench"])
+            .timeout(Duration::from_secs(900));
     let out = lab.run(&cmd).expect("lab run");
     let stdout = out.stdout_str();
     eprintln!("{stdout}");

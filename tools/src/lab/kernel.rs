@@ -10,8 +10,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Modules the lab needs; their dependencies are added from modules.dep.
-const MODULES: &[&str] =
-    &["virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_console", "kvm-amd", "vhost_vsock", "tun", "fuse", "loop", "ext4"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+    "virtio_console",
+    "kvm-amd",
+    "vhost_vsock",
+    "tun",
+    "fuse",
+    "loop",
+    "ext4",
+];
 
 const INIT_SH: &str = include_str!("init.sh");
 
