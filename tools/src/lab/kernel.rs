@@ -21,6 +21,7 @@ const MODULES: &[&str] = &[
     "tun",
     "fuse",
     "loop",
+    "crc32c_generic",
     "ext4",
 ];
 
