@@ -86,6 +86,21 @@ impl Default for Defaults {
     }
 }
 
+/// A TOML error on one line (containerd shows shim errors inline):
+/// `line L, column C: message`.
+fn one_line_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
 const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
 impl Config {
@@ -113,7 +128,7 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        let c: Config = toml::from_str(text).map_err(|e| one_line_error(text, &e))?;
         c.validate()?;
         Ok(c)
     }
@@ -222,7 +237,8 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         let e = Config::parse("[defaults]\nvcpu = 2\n").unwrap_err();
-        assert!(e.contains("unknown field `vcpu`"), "{e}");
+        assert!(e.starts_with("line 2, column 1: unknown field `vcpu`"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
         let e = Config::parse("[path]\nkernel = \"/k\"\n").unwrap_err();
         assert!(e.contains("unknown field `path`"), "{e}");
         let e = Config::parse("[paths]\nkernal = \"/k\"\n").unwrap_err();
@@ -240,7 +256,7 @@ mod tests {
             ("[defaults]\nagent_ready_timeout_secs = 0\n", "agent_ready_timeout_secs"),
             ("[defaults]\nvcpus = \"two\"\n", "invalid type"),
             ("[paths]\nkernel = \"vmlinux\"\n", "paths.kernel"),
-            ("[defaults\n", "TOML parse error at line 1"),
+            ("[defaults\n", "line 1, column 10: "),
         ] {
             let e = Config::parse(text).unwrap_err();
             assert!(e.contains(want), "{text:?}: {e}");

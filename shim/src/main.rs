@@ -36,9 +36,9 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(hull_shim::shim::run()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            // Before the server is up, stdout is what `start` relays to containerd.
+            // containerd shows what `start` (and a server failing to come
+            // up, through `start`) wrote to stdout.
             println!("containerd-shim-hull-v2: {e}");
-            eprintln!("containerd-shim-hull-v2: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -438,7 +438,14 @@ impl Sandbox {
         let mut entropy = vec![0u8; 32];
         getrandom::getrandom(&mut entropy).map_err(|e| format!("getrandom: {e}"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let hostname = spec.hostname.clone().filter(|h| match hull_agent_api::validate::check_hostname(h) {
+        // No hostname in the spec (ctr): the pod's id, or its first 12
+        // characters if that is not a valid hostname (as Docker does).
+        let hostname = spec.hostname.clone().or_else(|| {
+            [spec.id.clone(), spec.id.chars().take(12).collect()]
+                .into_iter()
+                .find(|h| hull_agent_api::validate::check_hostname(h).is_ok())
+        });
+        let hostname = hostname.filter(|h| match hull_agent_api::validate::check_hostname(h) {
             Ok(()) => true,
             Err(e) => {
                 warn!("pod {}: not setting the hostname: {e}", spec.id);

@@ -529,7 +529,10 @@ impl Task for HullTask {
         match self.create_inner(&req).await {
             Ok(pid) => Ok(api::CreateTaskResponse { pid, ..Default::default() }),
             Err(e) => {
-                error!("create {}: {e:?}", req.id);
+                match &e {
+                    ttrpc::Error::RpcStatus(s) => error!("create {}: {:?}: {}", req.id, s.code(), s.message()),
+                    e => error!("create {}: {e}", req.id),
+                }
                 Err(e)
             }
         }

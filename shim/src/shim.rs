@@ -146,8 +146,15 @@ fn start_opts(flags: &Flags, input: &[u8]) -> (StartOpts, bool) {
     (opts, false)
 }
 
-/// The shim's entry point (inside a tokio runtime).
-pub async fn run() -> Result<(), Error> {
+/// The shim's entry point (inside a tokio runtime); errors as one line.
+pub async fn run() -> Result<(), String> {
+    run_inner().await.map_err(|e| match e {
+        Error::Other(s) => s,
+        e => e.to_string(),
+    })
+}
+
+async fn run_inner() -> Result<(), Error> {
     let args: Vec<_> = std::env::args_os().collect();
     let flags = containerd_shim::parse(&args[1..])?;
     if flags.version {

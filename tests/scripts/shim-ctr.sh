@@ -308,8 +308,18 @@ if has crash; then
     shim_pid="$(pgrep -f 'containerd-shim-hull-v2 .*-id crash1 ' | head -n 1)"
     check "crash: one VM running" 1 "$(vmm_count "$state/crash1/")"
     kill -9 "$shim_pid"
-    wait_stopped crash1
-    check "crash: containerd sees the task stop" 0 $?
+    # containerd notices the dead shim, runs `containerd-shim-hull-v2 delete`
+    # and drops the task.
+    i=0
+    while "${CTR[@]}" task ls 2>/dev/null | awk '{print $1 " " $3}' | grep -q '^crash1 RUNNING'; do
+        i=$((i + 1))
+        [ "$i" -gt 600 ] && break
+        sleep 0.1
+    done
+    check "crash: containerd sees the task end" 0 "$("${CTR[@]}" task ls 2>/dev/null | awk '{print $1 " " $3}' | grep -c '^crash1 RUNNING')"
+    # containerd logs the delete command's stderr as "cleanup warnings".
+    check "crash: the delete command stopped hull-vmm" 1 \
+        "$(grep -a 'cleanup warnings' "$HULL_CTRD_DIR/containerd.log" | grep -a 'crash1' | grep -ac 'hull-vmm (pid')"
     nothing_left crash
     "${CTR[@]}" task delete crash1 >/dev/null 2>&1
     "${CTR[@]}" container delete crash1
@@ -336,6 +346,8 @@ if has failures; then
     write_config "$HULL_KERNEL" 1
     run_rm fail3 true
     check_contains "failures: agent timeout" "agent did not answer within 1s" "$ERR"
+    check "failures: the guest console's tail is in the log" 1 \
+        "$(grep -ac 'pod fail3: start failed; guest console (last lines)' "$HULL_CTRD_DIR/containerd.log")"
     echo "INFO ctr said: $ERR"
     "${CTR[@]}" container delete fail3 >/dev/null 2>&1
     nothing_left "failures (timeout)"
