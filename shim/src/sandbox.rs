@@ -292,9 +292,8 @@ impl Sandbox {
             Ok(s) => Ok(s),
             Err(e) => {
                 let console = tail(&paths.console(), 30);
-                if !console.is_empty() {
-                    error!("pod {}: start failed; guest console (last lines):\n{console}", spec.id);
-                }
+                let console = if console.is_empty() { "(nothing yet)".to_string() } else { console };
+                error!("pod {}: start failed; guest console (last lines):\n{console}", spec.id);
                 for what in ["hull-vmm", "virtiofsd"] {
                     let t = tail(&paths.log(what), 10);
                     if !t.is_empty() {
@@ -417,7 +416,7 @@ impl Sandbox {
             r = tokio::time::timeout(timeout, ready) => match r {
                 Ok(r) => r?,
                 Err(_) => return Err(format!(
-                    "agent did not answer within {}s (pod {}; hull-vmm pid {}; the guest console's last lines are in the shim log)",
+                    "agent did not answer within {}s (pod {}; hull-vmm pid {}; the guest console's tail is in the shim log)",
                     timeout.as_secs(), spec.id, vmm.pid
                 )),
             },
