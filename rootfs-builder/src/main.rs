@@ -35,6 +35,14 @@ enum Cmd {
         /// Image name, e.g. docker.io/library/hull-test:latest
         #[arg(long)]
         name: String,
+        /// The image's entrypoint, one argument per use (repeatable):
+        /// `--entrypoint /bin/sh --entrypoint -c --entrypoint 'sleep 1'`.
+        #[arg(long, allow_hyphen_values = true)]
+        entrypoint: Vec<String>,
+        /// The image's command, one argument per use (repeatable). Default:
+        /// `/bin/sh` without an entrypoint, none with one.
+        #[arg(long, allow_hyphen_values = true)]
+        cmd: Option<Vec<String>>,
         #[arg(short, long)]
         out: PathBuf,
     },
@@ -58,8 +66,9 @@ fn main() -> Result<()> {
             write_initramfs(&InitramfsSpec { agent, busybox, extra }, &out)?;
             println!("{}", out.display());
         }
-        Cmd::OciImage { layer, name, out } => {
-            hull_rootfs_builder::oci::write_image_archive(&layer, &name, &out)?;
+        Cmd::OciImage { layer, name, entrypoint, cmd, out } => {
+            let cfg = hull_rootfs_builder::oci::ImageConfig { entrypoint, cmd };
+            hull_rootfs_builder::oci::write_image_archive_with(&layer, &name, &cfg, &out)?;
             println!("{}", out.display());
         }
         Cmd::BusyboxLayer { busybox, out } => {

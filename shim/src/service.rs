@@ -45,6 +45,11 @@ use tokio::sync::watch;
 const KILLED: u32 = 128 + 9;
 /// Exit status of a process whose VM went away before it could be waited for.
 const LOST: u32 = 255;
+/// Exit status recorded for a process that failed to start (e.g. its
+/// binary does not exist): its waiters are released at once, as runc's shim
+/// does. Without this, containerd's delete-with-kill of a failed exec (CRI
+/// ExecSync) waits a full minute for an exit that never comes.
+const START_FAILED: u32 = 255;
 
 fn err(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
@@ -511,6 +516,16 @@ impl HullTask {
     }
 }
 
+impl HullTask {
+    /// `p` did not start: it is stopped with [`START_FAILED`] (no exit
+    /// event: it never ran), so Wait answers and Kill says it finished.
+    async fn start_failed(p: &Process) {
+        p.shutdown_io().await;
+        p.set_exited(START_FAILED, now());
+        debug!("{}/{} failed to start", p.cid, p.id());
+    }
+}
+
 fn status_of(s: ProcStatus) -> Status {
     match s {
         ProcStatus::Created => Status::CREATED,
@@ -547,7 +562,13 @@ impl Task for HullTask {
         let pid = c.sandbox.vmm_pid();
         match &p.exec_id {
             None => {
-                let guest_pid = agent.start_container(&c.id).await.map_err(agent_err)?;
+                let guest_pid = match agent.start_container(&c.id).await {
+                    Ok(pid) => pid,
+                    Err(e) => {
+                        Self::start_failed(&p).await;
+                        return Err(agent_err(e));
+                    }
+                };
                 p.set_status(ProcStatus::Running);
                 self.watch_exit(&c, p.clone());
                 debug!("container {} started (guest pid {guest_pid})", c.id);
@@ -569,11 +590,18 @@ impl Task for HullTask {
                     stdio: MessageField::some(io::agent_stdio(&p.stdio)),
                     ..Default::default()
                 };
-                let guest_pid = agent.exec_process(&ereq).await.map_err(agent_err)?;
+                let guest_pid = match agent.exec_process(&ereq).await {
+                    Ok(pid) => pid,
+                    Err(e) => {
+                        Self::start_failed(&p).await;
+                        return Err(agent_err(e));
+                    }
+                };
                 let tasks = match io::attach(&c.sandbox.stdio_addr, &c.id, Some(exec_id), &p.stdio).await {
                     Ok(t) => t,
                     Err(e) => {
                         let _ = agent.signal_process(&c.id, Some(exec_id), 9, false).await;
+                        Self::start_failed(&p).await;
                         return Err(err(Code::INTERNAL, format!("exec {exec_id} stdio: {e}")));
                     }
                 };

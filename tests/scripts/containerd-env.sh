@@ -18,6 +18,10 @@ state = "$HULL_CTRD_DIR/state"
   [plugins."io.containerd.grpc.v1.cri".cni]
     conf_dir = "$HULL_CTRD_DIR/cni/conf"
     bin_dir = "$HULL_CTRD_DIR/cni/bin"
+  # Naming any runtime replaces the built-in list: runc (the default
+  # runtime) must be named too, or the CRI plugin does not load.
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.hull]
     runtime_type = "io.containerd.hull.v2"
 EOT

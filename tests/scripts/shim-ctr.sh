@@ -10,16 +10,19 @@
 #       --env HULL_BIN_DIR=$HULL_BIN_DIR -- tests/scripts/shim-ctr.sh
 #
 # Set HULL_SHIM_CASES to a space-separated subset of: basic stdio exec tty
-# signal oom pod crash failures (default: all); HULL_SHIM_TIMEOUT bounds each ctr
-# command (seconds, default 300).
+# signal oom pod cri crash failures (default: all); HULL_SHIM_TIMEOUT bounds each ctr
+# command and each CRI call (seconds, default 300). The cri case drives
+# containerd's CRI plugin with hull-cri (tests/src/bin/hull-cri.rs) and a
+# locally built pause image (HULL_PAUSE_IMAGE, see containerd-env.sh).
 set -u
 : "${HULL_KERNEL:?}" "${HULL_INITRAMFS:?}" "${HULL_BIN_DIR:?}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod crash failures}"
+cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod cri crash failures}"
 tmo="${HULL_SHIM_TIMEOUT:-300}"
 work="$(mktemp -d /tmp/hull-shim-ctr.XXXXXX)"
 state=/run/hull-shim-test
 IMG=docker.io/library/hull-test:latest
+export HULL_PAUSE_IMAGE="${HULL_PAUSE_IMAGE:-docker.io/library/hull-pause:latest}"
 RT=(--runtime io.containerd.hull.v2)
 fails=0
 passes=0
@@ -80,10 +83,12 @@ dump_logs() {
 }
 finish() {
     [ "$fails" -gt 0 ] && dump_logs
-    "${CTR[@]}" task ls 2>/dev/null | awk 'NR>1 {print $1}' | while read -r t; do
-        "${CTR[@]}" task kill -s SIGKILL "$t" >/dev/null 2>&1
-        sleep 1
-        "${CTR[@]}" task delete -f "$t" >/dev/null 2>&1
+    for ns in default k8s.io; do
+        "${CTR[@]}" -n "$ns" task ls 2>/dev/null | awk 'NR>1 {print $1}' | while read -r t; do
+            "${CTR[@]}" -n "$ns" task kill -s SIGKILL "$t" >/dev/null 2>&1
+            sleep 1
+            "${CTR[@]}" -n "$ns" task delete -f "$t" >/dev/null 2>&1
+        done
     done
     kill "$events_pid" 2>/dev/null
     kill "$HULL_CTRD_PID" 2>/dev/null
@@ -299,6 +304,46 @@ if has pod; then
     "${CTR[@]}" container delete pod1
     nothing_left pod
     write_config
+fi
+
+# --- cri: a CRI client (RunPodSandbox with handler hull, two containers, ExecSync, stop, remove) ---
+if has cri; then
+    # CRI images live in the k8s.io namespace; the sandbox ("pause") image is
+    # the busybox layer running a shell that sleeps until SIGTERM.
+    "$HULL_BIN_DIR/hull-rootfs-builder" oci-image --layer "$work/layer" --name "$HULL_PAUSE_IMAGE" \
+        --entrypoint /bin/sh --entrypoint -c --entrypoint 'trap "exit 0" TERM INT; while :; do sleep 3600 & wait $!; done' \
+        --out "$work/pause.tar" >/dev/null
+    check "cri: pause image built" 0 $?
+    "${CTR[@]}" -n k8s.io image import "$work/pause.tar" >/dev/null
+    check "cri: pause image imported" 0 $?
+    "${CTR[@]}" -n k8s.io image import "$work/image.tar" >/dev/null
+    check "cri: test image imported" 0 $?
+    find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$work/cgroups.before"
+    t0=$(date +%s%N)
+    timeout -s KILL $((tmo * 4)) "$HULL_BIN_DIR/hull-cri" --socket "$HULL_CTRD_DIR/containerd.sock" --image "$IMG" \
+        --handler hull --step-timeout "$tmo" >"$work/cri.out" 2>"$work/cri.err"
+    rc=$?
+    echo "INFO hull-cri scenario: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    # Its PASS/FAIL lines count as this script's.
+    while IFS= read -r line; do
+        case "$line" in
+            "PASS "*) pass "cri: ${line#PASS }" ;;
+            "FAIL "*) fail "cri: ${line#FAIL }" ;;
+            *) echo "$line" ;;
+        esac
+    done <"$work/cri.out"
+    [ -s "$work/cri.err" ] && cat "$work/cri.err" >&2
+    check "cri: hull-cri exit status" 0 "$rc"
+    i=0
+    while pgrep -f containerd-shim-hull-v2 >/dev/null && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    check "cri: no shim processes left" 0 "$(pgrep -f containerd-shim-hull-v2 | wc -l)"
+    check "cri: no CRI containers or sandboxes left" 0 "$("${CTR[@]}" -n k8s.io container ls -q 2>/dev/null | wc -l)"
+    check "cri: no tasks left" 0 "$("${CTR[@]}" -n k8s.io task ls 2>/dev/null | awk 'NR>1' | wc -l)"
+    find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$work/cgroups.after"
+    check "cri: no cgroups left" "" "$(comm -13 "$work/cgroups.before" "$work/cgroups.after" | tr '\n' ' ')"
+    check "cri: no mounts left under containerd's root and state" 0 \
+        "$(grep -c -e " $HULL_CTRD_DIR/root/" -e " $HULL_CTRD_DIR/state/" /proc/self/mountinfo)"
+    nothing_left cri
 fi
 
 # --- crash: the shim is SIGKILLed; containerd's `delete` cleans up ----------
