@@ -120,6 +120,13 @@ if grep -Fq "runtimes.hull]" "$ctrd_config"; then
     say "containerd already has a hull runtime in $ctrd_config"
 else
     cp -p "$ctrd_config" "$ctrd_config.hull-backup"
+    # Naming any runtime replaces containerd's built-in list, which holds the
+    # default runtime runc: without it the CRI plugin does not load (Debian's
+    # config.toml names none). Name runc too unless the config already does.
+    if ! grep -Fq "runtimes.runc]" "$ctrd_config"; then
+        printf '\n[%s]\n  runtime_type = "io.containerd.runc.v2"\n' "${cri%.hull}.runc" >> "$ctrd_config"
+        say "added [${cri%.hull}.runc] (the default runtime) to $ctrd_config"
+    fi
     printf '\n[%s]\n  runtime_type = "io.containerd.hull.v2"\n' "$cri" >> "$ctrd_config"
     say "added [$cri] to $ctrd_config (backup: $ctrd_config.hull-backup)"
     if [[ -z "$DESTDIR" && "${HULL_RESTART_CONTAINERD:-0}" == 1 ]] && command -v systemctl >/dev/null; then
