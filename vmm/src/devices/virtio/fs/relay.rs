@@ -151,7 +151,7 @@ fn parse_chain(mem: &GuestMemory, chain: DescriptorChain<&GuestMemory>) -> Parse
 }
 
 /// Copies guest `segs` into the bounce region at `off`.
-fn copy_in(
+pub(super) fn copy_in(
     mem: &GuestMemory,
     segs: &[Seg],
     bounce: &GuestMemory,
@@ -170,7 +170,7 @@ fn copy_in(
 
 /// Copies up to `len` bytes from the bounce region at `off` into guest
 /// `segs`; returns how many fit.
-fn copy_out(
+pub(super) fn copy_out(
     bounce: &GuestMemory,
     mut off: u64,
     len: u32,

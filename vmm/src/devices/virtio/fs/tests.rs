@@ -761,3 +761,39 @@ fn virtiofsd_dying_stops_the_device() {
         .is_err());
     s.fs.shutdown();
 }
+
+/// The relay's cost, measured natively: `cargo test -p hull-vmm --release
+/// relay_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn relay_cost() {
+    const FUSE_GETATTR: u32 = 3;
+    let d = Daemon::start();
+    let mut s = activate_against(&d, memfd_memory());
+    fuse_init(&mut s);
+    let (nodeid, fh) = open_file(&mut s, "big.bin");
+    let n = 2000;
+    let t = Instant::now();
+    for _ in 0..n {
+        let (len, _) = s.fuse(&fuse_req(FUSE_GETATTR, 5, nodeid, &[0u8; 16]), 4096);
+        assert!(len > 16);
+    }
+    let small = t.elapsed() / n;
+    let n = 200;
+    let t = Instant::now();
+    for _ in 0..n {
+        fuse_read(&mut s, nodeid, fh, 0, 1 << 20);
+    }
+    let big = t.elapsed() / n;
+    // The copies alone: 1 MiB guest → bounce and back.
+    let bounce = shadow::create_bounce(2 << 20).unwrap();
+    let segs: Vec<shadow::Seg> =
+        (0..256).map(|p| shadow::Seg { addr: GuestAddress(DATA + p * 4096), len: 4096 }).collect();
+    let t = Instant::now();
+    for _ in 0..n {
+        relay::copy_in(&s.mem, &segs, &bounce, 0).unwrap();
+        relay::copy_out(&bounce, 0, 1 << 20, &s.mem, &segs).unwrap();
+    }
+    let copies = t.elapsed() / n / 2;
+    eprintln!("relay cost: GETATTR round trip {small:?}; 1 MiB READ round trip {big:?}; copying 1 MiB once {copies:?}");
+}
