@@ -293,6 +293,14 @@ impl Relay {
             q.shadow.cancel(r);
             return Outcome::Done(0);
         }
+        // What virtiofsd gets is the copy: check that the header checked
+        // above is the one copied (the guest may rewrite it meanwhile).
+        let mut copied = [0u8; 16];
+        if self.bounce.read_slice(&mut copied, GuestAddress(r.off)).is_err() || copied != hdr[..16] {
+            debug!("virtio-fs: queue {qi}: request header changed while being copied; answered EIO");
+            q.shadow.cancel(r);
+            return Outcome::Done(error_reply(&self.mem, &c.wsegs, unique, EIO));
+        }
         // Both fit in u32: total <= MAX_REQUEST_BYTES.
         let (rlen, wlen) = (c.rlen as u32, shadow_wlen as u32);
         if let Err(e) = q.shadow.submit(&self.bounce, r, c.head, rlen, wlen, c.wsegs, unique) {
