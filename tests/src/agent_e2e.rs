@@ -11,9 +11,9 @@ use hull_agent_api::{open_stdio, AgentAddr, AgentClient, StdioStream};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-const LAYER: &str = "layers/busybox";
+pub(crate) const LAYER: &str = "layers/busybox";
 
-fn create_req(id: &str, args: &[&str], disk: &str) -> Result<CreateContainerRequest> {
+pub(crate) fn create_req(id: &str, args: &[&str], disk: &str) -> Result<CreateContainerRequest> {
     Ok(CreateContainerRequest {
         container_id: id.into(),
         oci_spec_json: busybox_spec(args, false)?,
@@ -25,7 +25,7 @@ fn create_req(id: &str, args: &[&str], disk: &str) -> Result<CreateContainerRequ
 }
 
 /// Reads a stdio stream to EOF on a thread.
-fn drain(mut s: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<String> {
+pub(crate) fn drain(mut s: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<String> {
     let _ = s.set_read_timeout(None);
     std::thread::spawn(move || {
         let mut v = Vec::new();

@@ -8,6 +8,7 @@
 
 pub mod agent_e2e;
 pub mod pod;
+pub mod snapshot_e2e;
 pub mod vm;
 
 use std::path::PathBuf;

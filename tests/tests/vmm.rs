@@ -46,6 +46,14 @@ fn block_both_ways_virtiofs_and_reboot_exit_zero() {
 }
 
 #[test]
+fn snapshot_then_two_restored_vms_run_containers_with_their_own_rng() {
+    let out = scenario("vmm-snapshot");
+    for want in ["RESULT urandom_differs=ok", "RESULT snapshot_untouched=ok"] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+}
+
+#[test]
 fn boots_a_bzimage_with_the_64_bit_protocol() {
     let out = scenario("vmm-bzimage");
     assert!(out.contains("RESULT bzimage_boot=ok"), "{out}");

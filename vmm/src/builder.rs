@@ -7,6 +7,7 @@ use crate::device_manager::DeviceManager;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::fs::{Fs, FsConfig};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
+use crate::devices::virtio::GuestMemory;
 use crate::vmm::{spawn_reset_forwarder, Vmm, VmmEvent};
 use crate::vstate::vcpu::{Vcpu, VcpuExitReason};
 use crate::vstate::{memory, vm::Vm};
@@ -26,19 +27,9 @@ pub fn build_and_boot(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Vmm
     vm.setup_irqchip()?;
 
     let mut devices = DeviceManager::new();
-    let console: Box<dyn Write + Send> = match &config.console {
-        Console::Stdout => Box::new(std::io::stdout()),
-        Console::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("console file {}", p.display()))?,
-        ),
-        Console::Off => Box::new(std::io::sink()),
-    };
+    let console = console_writer(&config.console)?;
     let reset_evt = EventFd::new(0).context("eventfd")?;
-    devices.add_legacy(vm.fd(), console, reset_evt.try_clone()?)?;
+    devices.add_legacy(vm.fd(), console, reset_evt.try_clone()?, None)?;
 
     // Block devices first, so /dev/vda.. follow the order given.
     for d in &config.disks {
@@ -68,6 +59,36 @@ pub fn build_and_boot(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Vmm
         vcpus.push(v);
     }
 
+    start_vcpus(vm, mem, mem_file, config.clone(), devices, vcpus, reset_evt, events)
+}
+
+/// Where the serial console writes.
+pub(crate) fn console_writer(c: &Console) -> Result<Box<dyn Write + Send>> {
+    Ok(match c {
+        Console::Stdout => Box::new(std::io::stdout()),
+        Console::File(p) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("console file {}", p.display()))?,
+        ),
+        Console::Off => Box::new(std::io::sink()),
+    })
+}
+
+/// Starts the configured (or restored) vCPUs and the reset forwarder.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_vcpus(
+    vm: Vm,
+    mem: GuestMemory,
+    mem_file: std::fs::File,
+    config: VmConfig,
+    devices: DeviceManager,
+    vcpus: Vec<Vcpu>,
+    reset_evt: EventFd,
+    events: Sender<VmmEvent>,
+) -> Result<Vmm> {
     let tx = Mutex::new(events.clone());
     let on_exit: Arc<dyn Fn(u8, VcpuExitReason) + Send + Sync> = Arc::new(move |id, reason| {
         let _ = tx.lock().unwrap().send(VmmEvent::Vcpu(id, reason));
@@ -82,7 +103,7 @@ pub fn build_and_boot(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Vmm
         vm,
         mem,
         mem_file,
-        config: config.clone(),
+        config,
         devices,
         vcpus: handles,
         paused: false,

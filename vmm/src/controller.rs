@@ -4,6 +4,7 @@
 use crate::api::{ErrorKind, Request, Response, VmInfo, VmStatus};
 use crate::builder::build_and_boot;
 use crate::config::VmConfig;
+use crate::persist::{self, RestoreConfig};
 use crate::vmm::{Vmm, VmmEvent};
 use crate::vstate::vcpu::VcpuExitReason;
 use std::path::PathBuf;
@@ -52,6 +53,20 @@ impl Controller {
                 VmInfo { status: VmStatus::Configured, vcpus: c.vcpus, mem_mib: c.mem_mib, devices: vec![] }
             }
             (None, None) => VmInfo { status: VmStatus::NotConfigured, vcpus: 0, mem_mib: 0, devices: vec![] },
+        }
+    }
+
+    /// Builds the VM from a snapshot instead of booting (CLI and API).
+    pub fn restore(&mut self, rc: &RestoreConfig) -> Result<(), Response> {
+        if self.vmm.is_some() {
+            return Err(Response::error(ErrorKind::InvalidState, "the VM is already running"));
+        }
+        match persist::restore(rc, self.events_tx.clone()) {
+            Ok(v) => {
+                self.vmm = Some(v);
+                Ok(())
+            }
+            Err(e) => Err(Response::error(ErrorKind::Boot, format!("restoring {}: {e:#}", rc.snapshot.display()))),
         }
     }
 
@@ -129,6 +144,20 @@ impl Controller {
                 }
             },
             Request::State => Response::Ok(self.info()),
+            Request::Snapshot { dir } => match &self.vmm {
+                None => Response::error(ErrorKind::InvalidState, "the VM is not running"),
+                Some(v) if v.info().status != VmStatus::Paused => {
+                    Response::error(ErrorKind::InvalidState, "pause the VM before taking a snapshot")
+                }
+                Some(v) => match v.snapshot(&dir) {
+                    Ok(()) => Response::Ok(v.info()),
+                    Err(e) => Response::error(ErrorKind::Snapshot, format!("snapshot to {}: {e:#}", dir.display())),
+                },
+            },
+            Request::Restore(rc) => match self.restore(&rc) {
+                Ok(()) => Response::Ok(self.info()),
+                Err(r) => r,
+            },
             Request::Shutdown => {
                 let mut info = self.info();
                 info.status = VmStatus::ShuttingDown;

@@ -4,8 +4,9 @@
 //! `arch` (x86_64 boot setup), `devices` (legacy and virtio devices),
 //! `device_manager` (placing devices on buses and the kernel command line),
 //! `builder` (assembling a VM from a config), `vmm` (a running VM),
-//! `controller` (the main loop), `api` (the control socket). Every vCPU and
-//! device state is a plain serializable struct.
+//! `controller` (the main loop), `api` (the control socket), `persist`
+//! (snapshots, and VMs restored from them). Every vCPU and device state is a
+//! plain serializable struct.
 
 pub mod api;
 pub mod arch;
@@ -14,5 +15,6 @@ pub mod config;
 pub mod controller;
 pub mod device_manager;
 pub mod devices;
+pub mod persist;
 pub mod vmm;
 pub mod vstate;

@@ -3,12 +3,13 @@
 //! an API shutdown; 1 on any error.
 
 use clap::Parser;
-use hull_vmm::api;
+use hull_vmm::api::{self, Response};
 use hull_vmm::config::{
     parse_disk, parse_fs, Console, DiskConfig, FsDeviceConfig, VmConfig, VsockDeviceConfig, DEFAULT_CMDLINE,
     DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
 use hull_vmm::controller::{Controller, Outcome};
+use hull_vmm::persist::RestoreConfig;
 use hull_vmm::vmm::VmmEvent;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,12 +46,41 @@ struct Cli {
     /// Control API socket (newline-delimited JSON).
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Restore from this snapshot directory instead of booting: --disk,
+    /// --fs-socket and --vsock-socket then replace the snapshot's backends
+    /// (in order); kernel, memory and vCPUs come from the snapshot.
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    restore: Option<PathBuf>,
+}
+
+/// Log lines to stderr at the level named by RUST_LOG (error, warn, info,
+/// debug, trace; default warn): the shim keeps hull-vmm's stderr in its log.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("hull-vmm: {} {}: {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn init_log() {
+    let level = std::env::var("RUST_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(level);
+    }
 }
 
 fn main() -> ExitCode {
+    init_log();
     let cli = Cli::parse();
-    if cli.kernel.is_none() && cli.api_socket.is_none() {
-        eprintln!("hull-vmm: give --kernel (boot now) or --api-socket (configure over the API)");
+    if cli.kernel.is_none() && cli.restore.is_none() && cli.api_socket.is_none() {
+        eprintln!("hull-vmm: give --kernel (boot now), --restore DIR or --api-socket (configure over the API)");
         return ExitCode::FAILURE;
     }
     let listener = match &cli.api_socket {
@@ -80,7 +110,27 @@ fn main() -> ExitCode {
         let tx = tx.clone();
         std::thread::spawn(move || api::serve(l, tx));
     }
-    if let Some(kernel) = cli.kernel {
+    let console = match cli.console.as_str() {
+        "stdout" => Console::Stdout,
+        "off" => Console::Off,
+        p => Console::File(p.into()),
+    };
+    if let Some(snapshot) = cli.restore {
+        let rc = RestoreConfig {
+            snapshot,
+            disks: cli.disks,
+            fs: cli.fs,
+            vsock: cli.vsock_socket.map(|uds_path| VsockDeviceConfig { uds_path, guest_cid: cli.vsock_cid }),
+            console,
+        };
+        if let Err(Response::Error(e)) = controller.restore(&rc) {
+            eprintln!("hull-vmm: {}", e.message);
+            if let Some(p) = &cli.api_socket {
+                let _ = std::fs::remove_file(p);
+            }
+            return ExitCode::FAILURE;
+        }
+    } else if let Some(kernel) = cli.kernel {
         let config = VmConfig {
             kernel,
             initrd: cli.initrd,
@@ -90,11 +140,7 @@ fn main() -> ExitCode {
             disks: cli.disks,
             fs: cli.fs,
             vsock: cli.vsock_socket.map(|uds_path| VsockDeviceConfig { uds_path, guest_cid: cli.vsock_cid }),
-            console: match cli.console.as_str() {
-                "stdout" => Console::Stdout,
-                "off" => Console::Off,
-                p => Console::File(p.into()),
-            },
+            console,
         };
         if let Err(e) = controller.boot(config) {
             eprintln!("hull-vmm: {e}");

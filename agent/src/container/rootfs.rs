@@ -157,6 +157,22 @@ pub fn assemble(dir: &Path, layers: &[Layer], upper: Upper<'_>) -> Result<(PathB
     }
 }
 
+/// Drops the device's cached blocks (BLKFLSBUF): in a VM restored from a
+/// template, the page cache may still hold what the template's disk in this
+/// slot contained (the kernel read its first blocks when probing it).
+fn drop_cached_blocks(dev: &Path) {
+    const BLKFLSBUF: libc::c_ulong = 0x1261; // _IO(0x12, 97)
+    match fs::File::open(dev) {
+        // SAFETY: BLKFLSBUF takes no argument.
+        Ok(f) => {
+            if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _) } != 0 {
+                eprintln!("hull-agent: BLKFLSBUF on {}: {}", dev.display(), std::io::Error::last_os_error());
+            }
+        }
+        Err(e) => eprintln!("hull-agent: open {} to drop its cached blocks: {e}", dev.display()),
+    }
+}
+
 fn assemble_inner(dir: &Path, layers: &[Layer], upper: Upper<'_>, mounts: &mut Mounts) -> Result<PathBuf> {
     let base = match upper {
         Upper::Tmpfs => {
@@ -169,6 +185,7 @@ fn assemble_inner(dir: &Path, layers: &[Layer], upper: Upper<'_>, mounts: &mut M
         }
         Upper::Disk { serial, sys_block, dev_dir } => {
             let dev = find_disk(sys_block, dev_dir, serial)?;
+            drop_cached_blocks(&dev);
             let d = dir.join("disk");
             mkdir(&d)?;
             mount(Some(&dev), &d, Some("ext4"), MsFlags::empty(), None::<&str>).map_err(|e| {

@@ -144,8 +144,17 @@ pub fn add_entropy(data: &[u8]) -> io::Result<()> {
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Crediting alone does not reseed an initialized CRNG before its next
+    // scheduled reseed: force it, so output differs from the template's now.
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
 }
+
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 fn set_realtime_clock(unix_nanos: i64) -> io::Result<()> {
     let ts = libc::timespec {

@@ -21,9 +21,10 @@ fn main() {
         "vmm-devices" => vmm_devices(),
         "vmm-bzimage" => vmm_bzimage(),
         "agent-containers" => hull_tests::agent_e2e::containers_in_vm(),
+        "vmm-snapshot" => hull_tests::snapshot_e2e::restore_from_template(),
         "bench-boot" => bench_boot(),
         _ => {
-            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|agent-containers|bench-boot");
+            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|agent-containers|vmm-snapshot|bench-boot");
             std::process::exit(2);
         }
     };

@@ -10,21 +10,25 @@
 //! | `"pause"` / `"resume"` | stop / restart the vCPUs |
 //! | `"state"` | query status, vCPUs, memory, devices |
 //! | `"shutdown"` | stop the VM and exit hull-vmm (status 0) |
+//! | `{"snapshot": {"dir": D}}` | write the paused VM to directory D (see `persist`) |
+//! | `{"restore": RestoreConfig}` | instead of configure + boot: build the VM from a snapshot and run it |
 //!
 //! Responses: `{"ok": VmInfo}` or `{"error": {"kind": K, "message": M}}`
 //! where K is `bad_request` (not valid JSON or not a request), `invalid_state`
 //! (e.g. `boot` twice, `pause` before boot), `config` (the configuration was
-//! rejected; the message names the field) or `boot` (building the VM failed).
+//! rejected; the message names the field), `boot` (building or restoring the
+//! VM failed) or `snapshot` (writing the snapshot failed).
 
 mod server;
 
 pub use server::{bind, serve};
 
 use crate::config::VmConfig;
+use crate::persist::RestoreConfig;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -38,6 +42,8 @@ pub enum Request {
     Resume,
     State,
     Shutdown,
+    Snapshot { dir: PathBuf },
+    Restore(RestoreConfig),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +72,7 @@ pub enum ErrorKind {
     InvalidState,
     Config,
     Boot,
+    Snapshot,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -122,6 +129,11 @@ mod tests {
         assert_eq!(serde_json::to_string(&Request::Boot).unwrap(), r#""boot""#);
         let r: Request = serde_json::from_str(r#"{"configure":{"kernel":"/k","mem_mib":256}}"#).unwrap();
         assert!(matches!(r, Request::Configure(c) if c.mem_mib == 256));
+        let r: Request = serde_json::from_str(r#"{"snapshot":{"dir":"/t"}}"#).unwrap();
+        assert_eq!(r, Request::Snapshot { dir: "/t".into() });
+        let r: Request =
+            serde_json::from_str(r#"{"restore":{"snapshot":"/t","disks":[{"path":"/d","id":"s0"}]}}"#).unwrap();
+        assert!(matches!(r, Request::Restore(c) if c.disks.len() == 1 && c.vsock.is_none()));
         let e = Response::error(ErrorKind::InvalidState, "not booted");
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"error":{"kind":"invalid_state","message":"not booted"}}"#);
     }

@@ -5,10 +5,10 @@
 use crate::arch::x86_64::layout::{FIRST_VIRTIO_IRQ, LAST_IRQ, SERIAL_IRQ, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{
-    EventFdTrigger, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
+    EventFdTrigger, Serial, SerialState, I8042, I8042_PORT_BASE, I8042_PORT_LEN, SERIAL_PORT_BASE, SERIAL_PORT_LEN,
 };
 use crate::devices::virtio::mmio::{MmioState, MmioTransport};
-use crate::devices::virtio::{GuestMemory, VirtioDevice};
+use crate::devices::virtio::{DeviceState, GuestMemory, VirtioDevice};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,7 @@ pub struct DeviceManager {
     pub pio: Bus,
     pub mmio: Bus,
     pub virtio: Vec<VirtioSlot>,
+    serial: Option<Arc<Mutex<Serial>>>,
 }
 
 impl DeviceManager {
@@ -50,19 +51,26 @@ impl DeviceManager {
         Self::default()
     }
 
-    /// COM1 (IRQ 4) writing to `console`, and the i8042 whose reset command
-    /// writes `reset_evt`.
+    /// COM1 (IRQ 4) writing to `console` (with its registers from a
+    /// snapshot, if given), and the i8042 whose reset command writes
+    /// `reset_evt`.
     pub fn add_legacy(
         &mut self,
         vm: &VmFd,
         console: Box<dyn Write + Send>,
         reset_evt: EventFd,
+        serial_state: Option<&SerialState>,
     ) -> Result<(), DeviceManagerError> {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&irq, SERIAL_IRQ)
             .map_err(|source| DeviceManagerError::Kvm { what: "KVM_IRQFD (serial)", source })?;
-        let serial = Serial::new(EventFdTrigger(irq), console);
-        self.pio.insert(Arc::new(Mutex::new(serial)), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
+        let serial = match serial_state {
+            Some(s) => Serial::from_state(s, EventFdTrigger(irq), console),
+            None => Serial::new(EventFdTrigger(irq), console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
+        self.pio.insert(serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
         self.pio.insert(
             Arc::new(Mutex::new(I8042::new(EventFdTrigger(reset_evt)))),
             I8042_PORT_BASE,
@@ -78,6 +86,27 @@ impl DeviceManager {
         mem: &GuestMemory,
         dev: Box<dyn VirtioDevice>,
     ) -> Result<usize, DeviceManagerError> {
+        self.place_virtio(vm, |irq_evt| MmioTransport::new(mem.clone(), dev, irq_evt))
+    }
+
+    /// Adds a virtio device in the next free window with its transport
+    /// restored from `state` (re-activated if it was active). The window
+    /// and IRQ follow from the position, as when the snapshot was taken.
+    pub fn add_virtio_restored(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemory,
+        dev: Box<dyn VirtioDevice>,
+        state: &MmioState,
+    ) -> Result<usize, DeviceManagerError> {
+        self.place_virtio(vm, |irq_evt| MmioTransport::restore(mem.clone(), dev, irq_evt, state))
+    }
+
+    fn place_virtio(
+        &mut self,
+        vm: &VmFd,
+        make: impl FnOnce(EventFd) -> std::io::Result<MmioTransport>,
+    ) -> Result<usize, DeviceManagerError> {
         let index = self.virtio.len();
         let irq = FIRST_VIRTIO_IRQ + index as u32;
         if irq > LAST_IRQ {
@@ -87,7 +116,7 @@ impl DeviceManager {
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&irq_evt, irq)
             .map_err(|source| DeviceManagerError::Kvm { what: "KVM_IRQFD (virtio)", source })?;
-        let transport = MmioTransport::new(mem.clone(), dev, irq_evt).map_err(DeviceManagerError::Transport)?;
+        let transport = make(irq_evt).map_err(DeviceManagerError::Transport)?;
         for (q, evt) in transport.queue_evts().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q as u32)
                 .map_err(|source| DeviceManagerError::Kvm { what: "KVM_IOEVENTFD", source })?;
@@ -103,8 +132,19 @@ impl DeviceManager {
         self.virtio.iter().map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq)).collect()
     }
 
-    pub fn save_virtio_states(&self) -> Vec<MmioState> {
-        self.virtio.iter().map(|s| s.transport.lock().unwrap_or_else(|p| p.into_inner()).save_state()).collect()
+    /// Each virtio device's transport and device state, in slot order.
+    pub fn save_virtio_states(&self) -> Vec<(MmioState, Option<DeviceState>)> {
+        self.virtio
+            .iter()
+            .map(|s| {
+                let t = s.transport.lock().unwrap_or_else(|p| p.into_inner());
+                (t.save_state(), t.device().snapshot_state())
+            })
+            .collect()
+    }
+
+    pub fn serial_state(&self) -> Option<SerialState> {
+        self.serial.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state())
     }
 
     /// Stops device workers, closes back-end connections, removes sockets.

@@ -6,8 +6,8 @@ use crate::arch::x86_64::regs;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemory;
 use kvm_bindings::{
-    kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
-    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -49,6 +49,10 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     pub xcrs: kvm_xcrs,
     pub xsave: kvm_xsave,
+    /// (index, value) of every MSR KVM lets us read: syscall entry points,
+    /// kvmclock, TSC, APIC base and the rest.
+    #[serde(default)]
+    pub msrs: Vec<(u32, u64)>,
 }
 
 pub struct Vcpu {
@@ -79,10 +83,7 @@ impl Vcpu {
         mem: &GuestMemory,
         entry: Option<KernelEntry>,
     ) -> Result<(), VcpuError> {
-        let mut cpuid =
-            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        patch_cpuid(&mut cpuid, self.id, num_cpus);
-        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))?;
+        self.configure_cpuid(kvm, num_cpus)?;
         let msrs = regs::boot_msrs();
         let n = self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
         if n != msrs.as_fam_struct_ref().nmsrs as usize {
@@ -101,8 +102,35 @@ impl Vcpu {
         Ok(())
     }
 
-    pub fn save_state(&self) -> Result<VcpuState, VcpuError> {
+    /// CPUID only: what a restored vCPU needs before its state is set.
+    pub fn configure_cpuid(&self, kvm: &Kvm, num_cpus: u8) -> Result<(), VcpuError> {
+        let mut cpuid =
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(self.kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        patch_cpuid(&mut cpuid, self.id, num_cpus);
+        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))
+    }
+
+    /// Reads every MSR in `indices`; MSRs this KVM refuses to read are left
+    /// out (KVM_GET_MSRS stops at the first one it cannot read).
+    fn read_msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+        let mut out = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let entries: Vec<kvm_msr_entry> =
+                rest.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs =
+                Msrs::from_entries(&entries).map_err(|e| VcpuError::Boot(format!("MSR list: {e:?}"), self.id))?;
+            let n = self.fd.get_msrs(&mut msrs).map_err(self.kvm_err("KVM_GET_MSRS"))?;
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            // Skip the MSR that stopped the read.
+            rest = rest.get(n + 1..).unwrap_or(&[]);
+        }
+        Ok(out)
+    }
+
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         Ok(VcpuState {
+            msrs: self.read_msrs(msr_indices)?,
             id: self.id,
             regs: self.fd.get_regs().map_err(self.kvm_err("KVM_GET_REGS"))?,
             sregs: self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?,
@@ -121,6 +149,20 @@ impl Vcpu {
         // SAFETY: the kvm_xsave came from KVM_GET_XSAVE of the same layout.
         unsafe { self.fd.set_xsave(&s.xsave) }.map_err(self.kvm_err("KVM_SET_XSAVE"))?;
         self.fd.set_lapic(&s.lapic).map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        // After the LAPIC: the TSC deadline lives in an MSR.
+        if !s.msrs.is_empty() {
+            let entries: Vec<kvm_msr_entry> =
+                s.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+            let msrs =
+                Msrs::from_entries(&entries).map_err(|e| VcpuError::Boot(format!("MSR list: {e:?}"), self.id))?;
+            let n = self.fd.set_msrs(&msrs).map_err(self.kvm_err("KVM_SET_MSRS"))?;
+            if n != entries.len() {
+                return Err(VcpuError::Boot(
+                    format!("KVM_SET_MSRS took {n} of {} MSRs (stopped at {:#x})", entries.len(), entries[n].index),
+                    self.id,
+                ));
+            }
+        }
         self.fd.set_mp_state(s.mp_state).map_err(self.kvm_err("KVM_SET_MP_STATE"))?;
         self.fd.set_vcpu_events(&s.events).map_err(self.kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
@@ -129,7 +171,7 @@ impl Vcpu {
     /// Runs the guest until it stops or `control` says stop.
     fn run_loop(mut self, control: Arc<VcpuControl>, on_exit: Arc<dyn Fn(u8, VcpuExitReason) + Send + Sync>) {
         loop {
-            if !control.wait_runnable() {
+            if !control.wait_runnable(|indices| self.save_state(indices)) {
                 return;
             }
             let reason = match self.fd.run() {
@@ -191,6 +233,13 @@ impl Vcpu {
     }
 }
 
+/// The MSRs KVM can save and restore on this host.
+pub fn msr_index_list(kvm: &Kvm) -> Result<Vec<u32>, VcpuError> {
+    let l =
+        kvm.get_msr_index_list().map_err(|source| VcpuError::Kvm { id: 0, what: "KVM_GET_MSR_INDEX_LIST", source })?;
+    Ok(l.as_slice().to_vec())
+}
+
 /// CPUID as the guest should see it: its APIC ID, the vCPU count, and the
 /// hypervisor bit.
 fn patch_cpuid(cpuid: &mut CpuId, id: u8, num_cpus: u8) {
@@ -215,20 +264,35 @@ enum RunState {
     Stopped,
 }
 
+/// A paused vCPU's state, asked for by another thread and read by the vCPU
+/// thread itself (the VcpuFd lives there).
+#[derive(Default)]
+struct SaveSlot {
+    request: Option<Vec<u32>>,
+    answer: Option<Result<VcpuState, VcpuError>>,
+}
+
 struct VcpuControl {
     state: Mutex<RunState>,
     cv: Condvar,
     /// True while the thread is inside (or about to enter) KVM_RUN.
     in_guest: Mutex<bool>,
+    save: Mutex<SaveSlot>,
 }
 
 impl VcpuControl {
     fn new(s: RunState) -> Self {
-        VcpuControl { state: Mutex::new(s), cv: Condvar::new(), in_guest: Mutex::new(false) }
+        VcpuControl {
+            state: Mutex::new(s),
+            cv: Condvar::new(),
+            in_guest: Mutex::new(false),
+            save: Mutex::new(SaveSlot::default()),
+        }
     }
 
-    /// Blocks while paused; false when the vCPU must stop.
-    fn wait_runnable(&self) -> bool {
+    /// Blocks while paused (answering state requests with `save`); false
+    /// when the vCPU must stop.
+    fn wait_runnable(&self, save: impl Fn(&[u32]) -> Result<VcpuState, VcpuError>) -> bool {
         let mut st = self.state.lock().unwrap();
         loop {
             match *st {
@@ -238,6 +302,12 @@ impl VcpuControl {
                 }
                 RunState::Paused => {
                     *self.in_guest.lock().unwrap() = false;
+                    {
+                        let mut slot = self.save.lock().unwrap();
+                        if let Some(indices) = slot.request.take() {
+                            slot.answer = Some(save(&indices));
+                        }
+                    }
                     self.cv.notify_all();
                     st = self.cv.wait(st).unwrap();
                 }
@@ -298,6 +368,27 @@ impl VcpuHandle {
         self.transition(RunState::Paused);
     }
 
+    /// The paused vCPU's state (read by its own thread).
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let not_paused = || VcpuError::Boot("not paused: pause the VM before saving its state".into(), self.id);
+        let mut st = self.control.state.lock().unwrap();
+        if *st != RunState::Paused {
+            return Err(not_paused());
+        }
+        self.control.save.lock().unwrap().request = Some(msr_indices.to_vec());
+        self.control.cv.notify_all();
+        loop {
+            if let Some(answer) = self.control.save.lock().unwrap().answer.take() {
+                return answer;
+            }
+            if *st != RunState::Paused {
+                self.control.save.lock().unwrap().request = None;
+                return Err(not_paused());
+            }
+            st = self.control.cv.wait_timeout(st, Duration::from_millis(100)).unwrap().0;
+        }
+    }
+
     pub fn resume(&self) {
         let mut st = self.control.state.lock().unwrap();
         if *st == RunState::Paused {
@@ -347,7 +438,9 @@ mod tests {
         let vcpu = Vcpu::new(vm.fd(), 0, Bus::new(), Bus::new()).unwrap();
         let entry = KernelEntry { mode: regs::EntryMode::Pvh, entry: 0x1000000 };
         vcpu.configure(vm.kvm(), 2, &mem, Some(entry)).unwrap();
-        let s = vcpu.save_state().unwrap();
+        let indices = msr_index_list(vm.kvm()).unwrap();
+        let s = vcpu.save_state(&indices).unwrap();
+        assert!(s.msrs.iter().any(|&(i, _)| i == 0xc000_0082), "MSR_LSTAR saved");
         assert_eq!(s.regs.rip, 0x1000000);
         assert_eq!(s.regs.rbx, crate::arch::x86_64::layout::PVH_INFO_START);
         let json = serde_json::to_vec(&s).unwrap();
@@ -355,7 +448,9 @@ mod tests {
         let vcpu2 = Vcpu::new(vm.fd(), 1, Bus::new(), Bus::new()).unwrap();
         vcpu2.configure(vm.kvm(), 2, &mem, None).unwrap();
         vcpu2.restore_state(&back).unwrap();
-        assert_eq!(vcpu2.save_state().unwrap().regs.rip, 0x1000000);
+        let s2 = vcpu2.save_state(&indices).unwrap();
+        assert_eq!(s2.regs.rip, 0x1000000);
+        assert_eq!(s2.msrs.len(), s.msrs.len());
     }
 
     #[test]

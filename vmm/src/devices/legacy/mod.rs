@@ -4,7 +4,7 @@ mod i8042;
 mod serial;
 
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{Serial, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
+pub use serial::{Serial, SerialState, SERIAL_PORT_BASE, SERIAL_PORT_LEN};
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -41,7 +41,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, ReadVolatile, WriteVola
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateArgs, ActivateError, GuestMemory, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateArgs, ActivateError, DeviceState, GuestMemory, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the single request queue.
@@ -617,6 +619,10 @@ fn run_worker(
 }
 
 impl VirtioDevice for Block {
+    fn snapshot_state(&self) -> Option<DeviceState> {
+        Some(DeviceState::Block(self.save_state()))
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }

@@ -25,6 +25,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateArgs, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -84,8 +85,8 @@ const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
 /// Serializable state of one virtqueue as the transport knows it.
 ///
 /// After DRIVER_OK the live ring indices (`next_avail`, `next_used`) are
-/// advanced by the device's worker, not by the transport: a snapshot of an
-/// activated device must take them from the (paused) device.
+/// advanced by the device's worker, not by the transport: [`MmioTransport::save_state`]
+/// takes them from the used ring in guest memory (see there).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MmioQueueState {
     pub max_size: u16,
@@ -243,7 +244,20 @@ impl MmioTransport {
         self.device.shutdown();
     }
 
+    /// The transport's state. For an activated device the queue positions
+    /// come from each used ring's `idx` in guest memory: every hull device
+    /// completes a chain before it takes the next one (or puts it back), so
+    /// once the vCPUs are paused and the device is idle, next_avail ==
+    /// next_used == used.idx. Snapshot only a paused, idle VM.
     pub fn save_state(&self) -> MmioState {
+        let mut queues: Vec<MmioQueueState> = self.queues.iter().map(|q| MmioQueueState::from(q.state())).collect();
+        if self.device_activated {
+            for q in queues.iter_mut().filter(|q| q.ready) {
+                let idx = self.mem.read_obj::<u16>(GuestAddress(q.used_ring + 2)).unwrap_or(0);
+                q.next_avail = idx;
+                q.next_used = idx;
+            }
+        }
         MmioState {
             device_type: self.device.device_type(),
             device_status: self.device_status,
@@ -256,8 +270,74 @@ impl MmioTransport {
             interrupt_status: self.interrupt.status(),
             device_activated: self.device_activated,
             device_broken: self.device_broken,
-            queues: self.queues.iter().map(|q| MmioQueueState::from(q.state())).collect(),
+            queues,
         }
+    }
+
+    /// Rebuilds a transport from a snapshot around a freshly made `device`
+    /// of the same type (its backend may differ: a restored VM gets its own
+    /// disks and sockets). The state is untrusted input: queue sizes and
+    /// addresses are validated, and an activated device is activated again
+    /// with the saved queue positions.
+    pub fn restore(
+        mem: GuestMemory,
+        device: Box<dyn VirtioDevice>,
+        irq_evt: EventFd,
+        state: &MmioState,
+    ) -> io::Result<Self> {
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        if state.device_type != device.device_type() {
+            return Err(bad(format!(
+                "snapshot has a device of type {} where the VM has type {}",
+                state.device_type,
+                device.device_type()
+            )));
+        }
+        let mut t = MmioTransport::new(mem, device, irq_evt)?;
+        if state.queues.len() != t.queues.len() {
+            return Err(bad(format!(
+                "device type {}: snapshot has {} queues, the device has {}",
+                state.device_type,
+                state.queues.len(),
+                t.queues.len()
+            )));
+        }
+        for (i, qs) in state.queues.iter().enumerate() {
+            if qs.max_size != t.queues[i].max_size() {
+                return Err(bad(format!(
+                    "device type {}: queue {i} max size {} in the snapshot, {} in the device",
+                    state.device_type,
+                    qs.max_size,
+                    t.queues[i].max_size()
+                )));
+            }
+            t.queues[i] =
+                qs.to_queue().map_err(|e| bad(format!("device type {}: queue {i}: {e}", state.device_type)))?;
+        }
+        if state.acked_features & !t.device.avail_features() != 0 {
+            return Err(bad(format!(
+                "device type {}: snapshot acked features {:#x} the device does not offer ({:#x})",
+                state.device_type,
+                state.acked_features,
+                t.device.avail_features()
+            )));
+        }
+        t.device_status = state.device_status;
+        t.device_features_select = state.device_features_select;
+        t.driver_features_select = state.driver_features_select;
+        t.acked_features = state.acked_features;
+        t.queue_select = state.queue_select;
+        t.shm_select = state.shm_select;
+        t.config_generation = state.config_generation;
+        t.device_broken = state.device_broken;
+        if t.status_has(S_FEATURES_OK) {
+            t.device.set_acked_features(state.acked_features);
+        }
+        if state.device_activated {
+            t.activate().map_err(|e| bad(format!("device type {}: activation: {e}", state.device_type)))?;
+        }
+        t.interrupt.set_status(state.interrupt_status);
+        Ok(t)
     }
 
     fn status_has(&self, bits: u32) -> bool {
@@ -555,7 +635,6 @@ mod tests {
     use super::*;
     use crate::devices::virtio::{ActivateError, INT_CONFIG, INT_USED_RING};
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
 
     const F_EXTRA: u64 = 1 << 3;
     const F_RING_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
@@ -817,6 +896,65 @@ mod tests {
         wr(t, REG_STATUS, ALL_OK | S_FAILED);
         assert_eq!(rd(t, REG_STATUS), ALL_OK | S_FAILED);
         assert_eq!(f.rec.lock().unwrap().activations.len(), 1);
+    }
+
+    #[test]
+    fn snapshot_restore_reactivates_with_live_positions() {
+        let mut f = fixture();
+        init(&mut f.t);
+        // The device has used 5 chains on queue 0 (used.idx at used + 2).
+        f.t.mem.write_obj(5u16, GuestAddress(0x1_0800 + 2)).unwrap();
+        f.t.interrupt.raise(INT_USED_RING).unwrap();
+        let s = f.t.save_state();
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (5, 5));
+        let json = serde_json::to_string(&s).unwrap();
+        let back: MmioState = serde_json::from_str(&json).unwrap();
+
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let dev = FakeDevice { rec: rec.clone(), max_sizes: vec![16, 8], fail_activate: false, reusable: true };
+        let mut t = MmioTransport::restore(f.t.mem.clone(), Box::new(dev), EventFd::new(0).unwrap(), &back).unwrap();
+        assert!(t.is_activated());
+        assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
+        assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
+        let r = rec.lock().unwrap();
+        assert_eq!(r.acked, Some(VIRTIO_F_VERSION_1 | F_EXTRA));
+        assert_eq!(r.activations.len(), 1);
+        assert_eq!((r.activations[0].0[0].next_avail, r.activations[0].0[0].next_used), (5, 5));
+        assert_eq!(r.activations[0].0[1].size, 4);
+        drop(r);
+        assert_eq!(t.save_state(), s);
+    }
+
+    #[test]
+    fn restore_rejects_a_state_that_does_not_fit() {
+        let mut f = fixture();
+        init(&mut f.t);
+        let s = f.t.save_state();
+        let make = |sizes: Vec<u16>| -> Box<dyn VirtioDevice> {
+            Box::new(FakeDevice {
+                rec: Arc::new(Mutex::new(Record::default())),
+                max_sizes: sizes,
+                fail_activate: false,
+                reusable: true,
+            })
+        };
+        let restore = |st: &MmioState, d| {
+            MmioTransport::restore(f.t.mem.clone(), d, EventFd::new(0).unwrap(), st)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(restore(&s, make(vec![16])).contains("snapshot has 2 queues, the device has 1"));
+        assert!(restore(&s, make(vec![16, 16])).contains("queue 1 max size 8"));
+        let mut wrong_type = s.clone();
+        wrong_type.device_type = 19;
+        assert!(restore(&wrong_type, make(vec![16, 8])).contains("type 19"));
+        let mut bad_ring = s.clone();
+        bad_ring.queues[0].desc_table = 0x10_0000 - 0x10; // aligned, but runs off the end of guest memory
+        assert!(restore(&bad_ring, make(vec![16, 8])).contains("activation"));
+        let mut bad_size = s.clone();
+        bad_size.queues[0].size = 3;
+        assert!(restore(&bad_size, make(vec![16, 8])).contains("queue 0"));
     }
 
     #[test]

@@ -74,6 +74,15 @@ impl Interrupt {
     }
 }
 
+/// A device's own serializable state, for snapshots (the transport's is
+/// [`mmio::MmioState`]; connections and worker threads are not state).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum DeviceState {
+    Block(block::BlockState),
+    Fs(fs::FsState),
+    Vsock(vsock::VsockState),
+}
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct ActivateArgs {
     pub mem: GuestMemory,
@@ -115,4 +124,8 @@ pub trait VirtioDevice: Send {
     /// The VMM is exiting: stop worker threads, close backend connections and
     /// remove any socket files the device created.
     fn shutdown(&mut self) {}
+    /// The device's state for a snapshot; None if it cannot be snapshotted.
+    fn snapshot_state(&self) -> Option<DeviceState> {
+        None
+    }
 }

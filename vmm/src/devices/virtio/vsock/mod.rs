@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateArgs, ActivateError, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
+use super::{ActivateArgs, ActivateError, DeviceState, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 use muxer::Muxer;
 use worker::Worker;
 
@@ -158,10 +158,14 @@ impl Vsock {
         })
     }
 
-    /// Recreates a device from a snapshot (binding the listener again).
+    /// Recreates a device from a snapshot (binding the listener again); a
+    /// TRANSPORT_RESET event goes to the guest once it is activated.
     pub fn from_state(state: &VsockState) -> Result<Vsock, VsockError> {
         let mut v = Vsock::new(VsockConfig { guest_cid: state.guest_cid, uds_path: state.uds_path.clone() })?;
         v.acked_features = state.acked_features & v.avail_features();
+        // The guest's connections ended with the snapshot's VMM: tell it as
+        // soon as the device runs.
+        v.reset_requested.store(true, Ordering::SeqCst);
         Ok(v)
     }
 
@@ -257,6 +261,10 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    fn snapshot_state(&self) -> Option<DeviceState> {
+        Some(DeviceState::Vsock(self.state()))
+    }
+
     fn device_type(&self) -> u32 {
         TYPE_VSOCK
     }

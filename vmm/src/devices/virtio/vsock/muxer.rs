@@ -111,6 +111,17 @@ impl Muxer {
         &self.epoll
     }
 
+    /// Stops (false) or restarts (true) accepting host connections; while
+    /// stopped they wait in the listener's backlog.
+    pub fn set_accepting(&mut self, on: bool) -> io::Result<()> {
+        let fd = self.listener.as_raw_fd();
+        if on {
+            self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, TOKEN_LISTENER))
+        } else {
+            self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        }
+    }
+
     pub fn into_listener(self) -> UnixListener {
         self.listener
     }

@@ -40,6 +40,10 @@ pub struct Worker {
     reset_requested: Arc<AtomicBool>,
     /// A TRANSPORT_RESET event waits for an event queue buffer.
     reset_to_deliver: bool,
+    /// The event was delivered; the guest has not yet handled it (it kicks
+    /// the event queue when it gives the buffer back). Host connections
+    /// wait meanwhile: the guest would reset them along with the old ones.
+    reset_unacked: bool,
     muxer: Muxer,
     scratch: Vec<u8>,
 }
@@ -72,6 +76,7 @@ impl Worker {
             cmd_evt,
             reset_requested,
             reset_to_deliver: false,
+            reset_unacked: false,
             muxer,
             scratch: vec![0u8; MAX_PKT_PAYLOAD],
         })
@@ -116,8 +121,17 @@ impl Worker {
         for ev in &events[..n] {
             let token = ev.data();
             match token {
-                TOKEN_RXQ | TOKEN_TXQ | TOKEN_EVQ => {
+                TOKEN_RXQ | TOKEN_TXQ => {
                     let _ = self.queue_evts[token as usize].read();
+                }
+                TOKEN_EVQ => {
+                    let _ = self.queue_evts[EVQ].read();
+                    if self.reset_unacked && !self.reset_to_deliver {
+                        self.reset_unacked = false;
+                        if let Err(e) = self.muxer.set_accepting(true) {
+                            error!("vsock: listening again after the transport reset: {e}");
+                        }
+                    }
                 }
                 TOKEN_KILL => {
                     let _ = self.kill_evt.read();
@@ -138,6 +152,12 @@ impl Worker {
         if self.reset_requested.swap(false, Ordering::SeqCst) {
             self.muxer.reset_all();
             self.reset_to_deliver = true;
+            if !self.reset_unacked {
+                self.reset_unacked = true;
+                if let Err(e) = self.muxer.set_accepting(false) {
+                    error!("vsock: pausing the listener for the transport reset: {e}");
+                }
+            }
         }
         self.muxer.process_timeouts(Instant::now());
         let mut used = [false; 3];
