@@ -107,7 +107,15 @@ mod tests {
     fn fake(dir: &Path, stubborn: bool) -> std::process::Child {
         let script =
             if stubborn { "trap '' TERM; while :; do sleep 0.05; done" } else { "while :; do sleep 0.05; done" };
-        Command::new("sh").args(["-c", script, "fake"]).arg(dir.join("api.sock")).stdin(Stdio::null()).spawn().unwrap()
+        let c =
+            Command::new("sh").args(["-c", script, "fake"]).arg(dir.join("api.sock")).stdin(Stdio::null()).spawn().unwrap();
+        // Until it has exec'd, the child's command line is the test binary's.
+        let t = Instant::now();
+        while !belongs_to(c.id() as i32, dir) {
+            assert!(t.elapsed() < Duration::from_secs(10), "stand-in did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        c
     }
 
     fn gone(c: &mut std::process::Child) -> bool {
