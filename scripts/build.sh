@@ -28,6 +28,11 @@ target/debug/hull-rootfs-builder initramfs --agent "$agent" --busybox /bin/busyb
 agent_test_bin="$(cargo test -p hull-agent --no-run --message-format=json 2>/dev/null \
     | sed -n 's/.*"executable":"\([^"]*hull_agent-[^"]*\)".*/\1/p' | tail -n1)"
 
+# The shim's host-cgroup tests for cgroup v2 run in the lab the same way
+# (tests/tests/host_cgroups.rs), from the shim library's test binary.
+shim_test_bin="$(cargo test -p containerd-shim-hull-v2 --lib --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*hull_shim-[^"]*\)".*/\1/p' | tail -n1)"
+
 # Debian's generic kernel (the lab's) doubles as a bzImage to test that boot path.
 bzimage="$(target/debug/hull-lab setup | sed -n 's/^kernel: *//p')"
 
@@ -39,6 +44,7 @@ export HULL_AGENT=$agent
 export HULL_BZIMAGE=$bzimage
 export HULL_BIN_DIR=$root/target/debug
 export HULL_AGENT_TEST_BIN=$agent_test_bin
+export HULL_SHIM_TEST_BIN=$shim_test_bin
 EOT
 echo "build: kernel $kernel" >&2
 echo "build: initramfs $initramfs ($(sha256sum "$initramfs" | cut -c1-16))" >&2
