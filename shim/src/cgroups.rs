@@ -1156,6 +1156,40 @@ mod tests {
         }
     }
 
+    /// 50 pods start at once, as 50 shims would: each finds the hierarchy,
+    /// takes a cgroup, starts a refill, writes limits and adds a process.
+    fn fifty_pods_at_once() {
+        let (parent, _tree) = test_parent("fifty");
+        HostCgroups::detect(&parent, 8).unwrap().refill().unwrap();
+        let barrier = Arc::new(Barrier::new(50));
+        let threads: Vec<_> = (0..50)
+            .map(|i| {
+                let (barrier, parent) = (barrier.clone(), parent.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let hc = HostCgroups::detect(&parent, 8).unwrap();
+                    let cg = hc.take(&format!("pod{i}"), None).unwrap();
+                    hc.refill_in_background();
+                    cg.set_limits(1, Some(128 << 20)).unwrap();
+                    let p = sleeper();
+                    cg.add_pid(p.0.id()).unwrap();
+                    assert_eq!(cg.pids().unwrap(), vec![p.0.id()]);
+                    wait_refilled(&hc);
+                    (cg, p)
+                })
+            })
+            .collect();
+        let pods: Vec<(PodCgroup, Proc)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let paths: HashSet<PathBuf> = pods.iter().flat_map(|(c, _)| c.paths()).collect();
+        assert_eq!(paths.len(), 50 * pods[0].0.paths().len());
+        assert!(pods.iter().filter(|(c, _)| c.origin() == Origin::Pool).count() >= 8);
+        for (cg, p) in pods {
+            drop(p);
+            cg.remove().unwrap();
+        }
+        assert!(paths.iter().all(|p| !p.exists()));
+    }
+
     fn k8s_parent_honoured() {
         let pid = std::process::id();
         // cgroupfs style.
@@ -1250,6 +1284,11 @@ mod tests {
     }
 
     #[test]
+    fn fifty_concurrent_pods() {
+        fifty_pods_at_once();
+    }
+
+    #[test]
     fn kubernetes_parent() {
         k8s_parent_honoured();
     }
@@ -1270,6 +1309,7 @@ mod tests {
         processes_join_and_leave();
         limits_written();
         concurrent_takes();
+        fifty_pods_at_once();
         k8s_parent_honoured();
         cleanup_after_a_dead_shim();
         // Nothing of ours left at the root.
