@@ -26,6 +26,9 @@
 //!   claimed by setting the extended attribute `trusted.hull.pod = <pod id>`
 //!   on it with `XATTR_CREATE` (atomic: exactly one setter succeeds). Free
 //!   entries are those without the attribute.
+//! - Should a kernel refuse the claim (rename or attribute) for another
+//!   reason than a lost race, the pod's cgroup `pod-<id>` is made with mkdir
+//!   instead, and a debug log says why.
 //! - With a Kubernetes cgroup path (the sandbox's `linux.cgroupsPath`), the
 //!   pod's cgroup is exactly that path (it already names the sandbox:
 //!   `/kubepods/besteffort/pod<uid>/<sandbox id>`, or systemd-style
@@ -425,6 +428,15 @@ pub enum Origin {
     Existing,
 }
 
+/// The outcome of claiming one pool entry.
+enum Claim {
+    Got(PodCgroup),
+    /// Another taker was first.
+    Lost,
+    /// This kernel does not let us claim entries (why).
+    Impossible(String),
+}
+
 /// What [`PodCgroup::set_limits`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -601,8 +613,14 @@ impl HostCgroups {
                 }
                 None => break,
             };
-            if let Some(cg) = self.claim(&entry, pod_id, &pod_name)? {
-                return Ok(cg);
+            match self.claim(&entry, pod_id, &pod_name)? {
+                Claim::Got(cg) => return Ok(cg),
+                Claim::Lost => {}
+                Claim::Impossible(why) => {
+                    debug!("pod {pod_id}: cannot take a pooled cgroup ({why}): making {pod_name} now");
+                    self.make(&pod_name)?;
+                    return Ok(self.pod_cgroup(pod_id, &pod_name, Origin::Made));
+                }
             }
         }
         debug!(
@@ -613,21 +631,26 @@ impl HostCgroups {
         Ok(self.pod_cgroup(pod_id, &pod_name, Origin::Made))
     }
 
-    /// Claims pool entry `entry`; None if another taker was first.
-    fn claim(&self, entry: &str, pod_id: &str, pod_name: &str) -> Result<Option<PodCgroup>, CgroupError> {
+    /// Claims pool entry `entry`.
+    fn claim(&self, entry: &str, pod_id: &str, pod_name: &str) -> Result<Claim, CgroupError> {
         let from = self.dir(0, entry);
         if self.inner.version == CgroupVersion::V2 {
             return match set_xattr_create(&from, CLAIM_XATTR, pod_id) {
-                Ok(()) => Ok(Some(self.pod_cgroup(pod_id, entry, Origin::Pool))),
-                Err(e) if matches!(errno(&e), libc::ENOENT | libc::EEXIST) => Ok(None),
-                Err(e) => Err(CgroupError(format!("claim cgroup {} (set {CLAIM_XATTR}): {e}", from.display()))),
+                Ok(()) => Ok(Claim::Got(self.pod_cgroup(pod_id, entry, Origin::Pool))),
+                Err(e) if matches!(errno(&e), libc::ENOENT | libc::EEXIST) => Ok(Claim::Lost),
+                Err(e) => Ok(Claim::Impossible(format!("set {CLAIM_XATTR} on {}: {e}", from.display()))),
             };
         }
         let to = self.dir(0, pod_name);
         match fs::rename(&from, &to) {
             Ok(()) => {}
-            Err(e) if errno(&e) == libc::ENOENT => return Ok(None),
-            Err(e) => return Err(CgroupError(format!("rename cgroup {} to {}: {e}", from.display(), to.display()))),
+            Err(e) if errno(&e) == libc::ENOENT => return Ok(Claim::Lost),
+            Err(e) if errno(&e) == libc::EEXIST || errno(&e) == libc::ENOTEMPTY => {
+                return Err(CgroupError(format!("rename cgroup {} to {}: {e}", from.display(), to.display())))
+            }
+            Err(e) => {
+                return Ok(Claim::Impossible(format!("rename cgroup {} to {}: {e}", from.display(), to.display())))
+            }
         }
         let cg = self.pod_cgroup(pod_id, pod_name, Origin::Pool);
         for i in 1..self.inner.hierarchies.len() {
@@ -642,7 +665,7 @@ impl HostCgroups {
                 return Err(e);
             }
         }
-        Ok(Some(cg))
+        Ok(Claim::Got(cg))
     }
 
     /// Makes pool entries until `pool_size` are free; returns how many it
