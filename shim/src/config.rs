@@ -37,8 +37,11 @@ pub struct Paths {
     pub hull_vmm: PathBuf,
     /// The virtiofsd binary.
     pub virtiofsd: PathBuf,
-    /// Per-pod state (sockets, shared dir, disks) and the disk pool.
+    /// Per-pod state (sockets, shared dir, disks), the disk pool and the VM templates.
     pub state_dir: PathBuf,
+    /// hull's cgroup, relative to the cgroup root (each controller's on v1):
+    /// the pool and pods without a Kubernetes cgroup parent live under it.
+    pub cgroup_parent: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -58,6 +61,11 @@ pub struct Defaults {
     pub agent_ready_timeout_secs: u64,
     /// The shim's log level: error, warn, info, debug or trace.
     pub log_level: String,
+    /// Start pods by restoring a VM template (built on first use) instead
+    /// of booting.
+    pub template: bool,
+    /// Pre-created host cgroups kept ready for new pods.
+    pub cgroup_pool_size: u32,
 }
 
 impl Default for Paths {
@@ -68,6 +76,7 @@ impl Default for Paths {
             hull_vmm: "/usr/local/bin/hull-vmm".into(),
             virtiofsd: "/usr/libexec/virtiofsd".into(),
             state_dir: "/run/hull".into(),
+            cgroup_parent: "hull".into(),
         }
     }
 }
@@ -82,6 +91,8 @@ impl Default for Defaults {
             disk_pool_size: 8,
             agent_ready_timeout_secs: 30,
             log_level: "info".into(),
+            template: true,
+            cgroup_pool_size: 8,
         }
     }
 }
@@ -156,6 +167,10 @@ impl Config {
         if !LOG_LEVELS.contains(&d.log_level.as_str()) {
             return Err(format!("defaults.log_level = {:?}: expected one of {}", d.log_level, LOG_LEVELS.join(", ")));
         }
+        let cg = &self.paths.cgroup_parent;
+        if cg.is_empty() || cg.starts_with('/') || cg.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return Err(format!("paths.cgroup_parent = {cg:?}: must be a relative cgroup path without . or .. parts"));
+        }
         for (key, p) in [
             ("paths.kernel", &self.paths.kernel),
             ("paths.initramfs", &self.paths.initramfs),
@@ -210,6 +225,8 @@ mod tests {
         assert_eq!(d.defaults.disks_per_pod, 4);
         assert_eq!(d.paths.state_dir, Path::new("/run/hull"));
         assert_eq!(d.defaults.log_level, "info");
+        assert!(d.defaults.template);
+        assert_eq!((d.paths.cgroup_parent.as_str(), d.defaults.cgroup_pool_size), ("hull", 8));
     }
 
     #[test]
@@ -256,6 +273,9 @@ mod tests {
             ("[defaults]\nagent_ready_timeout_secs = 0\n", "agent_ready_timeout_secs"),
             ("[defaults]\nvcpus = \"two\"\n", "invalid type"),
             ("[paths]\nkernel = \"vmlinux\"\n", "paths.kernel"),
+            ("[paths]\ncgroup_parent = \"../x\"\n", "paths.cgroup_parent"),
+            ("[paths]\ncgroup_parent = \"/abs\"\n", "paths.cgroup_parent"),
+            ("[defaults]\ntemplate = \"yes\"\n", "invalid type"),
             ("[defaults\n", "line 1, column 10: "),
         ] {
             let e = Config::parse(text).unwrap_err();

@@ -14,3 +14,4 @@ pub mod sandbox;
 pub mod service;
 pub mod shim;
 pub mod spec;
+pub mod template;

@@ -1,9 +1,11 @@
 //! containerd-shim-hull-v2: see the `hull_shim` library and docs/containerd.md.
 //!
-//! Besides containerd's shim commands (`start`, `delete`, serving), one of
+//! Besides containerd's shim commands (`start`, `delete`, serving), two of
 //! its own: `containerd-shim-hull-v2 fill-disk-pool` formats the disk pool
-//! up to `disk_pool_size` (install scripts run it so the first pods start
-//! without formatting).
+//! up to `disk_pool_size`, and `containerd-shim-hull-v2 build-template`
+//! builds the VM template for the default pod shape (install scripts run
+//! both so the first pods start without formatting or booting; `hull
+//! template build` runs the latter).
 
 use hull_shim::config::Config;
 use hull_shim::diskpool::DiskPool;
@@ -16,9 +18,29 @@ fn fill_disk_pool() -> Result<(), String> {
     Ok(())
 }
 
+fn build_template() -> Result<(), String> {
+    let cfg = Config::load()?;
+    cfg.check_files()?;
+    hull_shim::sandbox::host_check()?;
+    let shape = hull_shim::template::Shape {
+        vcpus: cfg.defaults.vcpus,
+        mem_mib: cfg.defaults.mem_mib,
+        disk_slots: cfg.defaults.disks_per_pod as usize,
+    };
+    let t = std::time::Instant::now();
+    let dir = hull_shim::template::ensure(&cfg, shape)?;
+    println!("template {} ({shape:?}) ready in {} ms", dir.display(), t.elapsed().as_millis());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("fill-disk-pool") {
-        return match fill_disk_pool() {
+    let own: Option<fn() -> Result<(), String>> = match std::env::args().nth(1).as_deref() {
+        Some("fill-disk-pool") => Some(fill_disk_pool),
+        Some("build-template") => Some(build_template),
+        _ => None,
+    };
+    if let Some(command) = own {
+        return match command() {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("containerd-shim-hull-v2: {e}");

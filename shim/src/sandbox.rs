@@ -366,19 +366,48 @@ impl Sandbox {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
-        // The agent connects to host port 1023 once it serves: listen first.
-        let notify = tokio::net::UnixListener::bind(paths.notify_socket())
-            .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?;
-
         let r = spec.resources;
+        // A template to restore (built on first use), or a cold boot.
+        let snapshot = if cfg.defaults.template {
+            let shape = crate::template::Shape { vcpus: r.vcpus, mem_mib: r.mem_mib, disk_slots: slots };
+            let c = cfg.clone();
+            let t = std::time::Instant::now();
+            let snap = tokio::task::spawn_blocking(move || crate::template::ensure(&c, shape))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("VM template: {e}"))?;
+            if t.elapsed() > Duration::from_millis(100) {
+                info!("pod {}: template {} ready after {} ms", spec.id, snap.display(), t.elapsed().as_millis());
+            }
+            Some(snap)
+        } else {
+            None
+        };
+
+        // A booting agent connects to host port 1023 once it serves: listen first.
+        let mut notify = match snapshot {
+            Some(_) => None,
+            None => Some(
+                tokio::net::UnixListener::bind(paths.notify_socket())
+                    .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?,
+            ),
+        };
+
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
-        cmd.arg("--kernel")
-            .arg(&cfg.paths.kernel)
-            .arg("--initrd")
-            .arg(&cfg.paths.initramfs)
-            .args(["--cmdline", CMDLINE])
-            .args(["--mem", &r.mem_mib.to_string(), "--vcpus", &r.vcpus.to_string()])
-            .arg("--vsock-socket")
+        match &snapshot {
+            Some(snap) => {
+                cmd.arg("--restore").arg(snap);
+            }
+            None => {
+                cmd.arg("--kernel")
+                    .arg(&cfg.paths.kernel)
+                    .arg("--initrd")
+                    .arg(&cfg.paths.initramfs)
+                    .args(["--cmdline", CMDLINE])
+                    .args(["--mem", &r.mem_mib.to_string(), "--vcpus", &r.vcpus.to_string()]);
+            }
+        }
+        cmd.arg("--vsock-socket")
             .arg(paths.vsock())
             .arg("--fs-socket")
             .arg(format!("{},tag={FS_TAG}", paths.virtiofsd_socket().display()))
@@ -397,7 +426,16 @@ impl Sandbox {
         let vmm = partial.vmm.as_ref().unwrap();
 
         let timeout = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs);
+        let vsock = paths.vsock();
         let ready = async {
+            let Some(notify) = &notify else {
+                // Restored: the agent already serves; hull-vmm's vsock socket
+                // appears once the restore is done.
+                while !vsock.exists() {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                return Ok("restored from the template".to_string());
+            };
             loop {
                 let (conn, _) = notify.accept().await.map_err(|e| format!("accept on the notify socket: {e}"))?;
                 let mut line = String::new();
@@ -428,8 +466,9 @@ impl Sandbox {
                 ));
             }
         };
-        drop(notify);
-        let _ = fs::remove_file(paths.notify_socket());
+        if notify.take().is_some() {
+            let _ = fs::remove_file(paths.notify_socket());
+        }
         info!("pod {}: {line} ({} ms after start)", spec.id, t0.elapsed().as_millis());
 
         let api = AgentAddr::Hybrid { socket: paths.vsock(), port: DEFAULT_AGENT_PORT };

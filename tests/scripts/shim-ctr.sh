@@ -143,7 +143,9 @@ nothing_left() {
     done
     check "$1: no hull-vmm left" 0 "$(vmm_count)"
     check "$1: no virtiofsd left" 0 "$(pgrep -x virtiofsd | wc -l)"
-    check "$1: only the disk pool in the state dir" "diskpool" "$(ls "$state" 2>/dev/null | tr '\n' ' ' | sed 's/ $//')"
+    check "$1: only the disk pool and templates in the state dir" "diskpool templates" \
+        "$(ls "$state" 2>/dev/null | grep -v '^templates$' | tr '\n' ' ' | sed 's/ $//') templates"
+    check "$1: no template build left behind" 0 "$(ls "$state/templates" 2>/dev/null | grep -c '\.build-')"
     check "$1: no mounts under the state dir" 0 "$(grep -c " $state/" /proc/self/mountinfo)"
 }
 
@@ -153,10 +155,23 @@ has() { case " $cases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 if has basic; then
     t0=$(date +%s%N)
     run_rm basic1 sh -c 'echo hi; exit 3'
-    echo "INFO ctr run --rm (boot, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    echo "INFO ctr run --rm (template build, restore, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
     check "basic: output" "hi" "$OUT"
     check "basic: exit status" 3 "$RC"
     [ "$RC" = 3 ] || echo "$ERR" >&2
+    check "basic: one VM template built" 1 "$(find "$state/templates" -name state.json | wc -l)"
+    t0=$(date +%s%N)
+    run_rm basic1b sh -c 'echo again'
+    echo "INFO ctr run --rm (restore, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    check "basic: second run from the template" "again" "$OUT"
+    check "basic: the template was restored, not booted" 1 "$(grep -ac 'restored from the template' "$HULL_CTRD_DIR/containerd.log" | awk '{print ($1 >= 1)}')"
+    write_config "$HULL_KERNEL" 240 "template = false"
+    t0=$(date +%s%N)
+    run_rm basic1c sh -c 'echo cold; exit 4'
+    echo "INFO ctr run --rm (cold boot, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    check "basic: cold boot (template = false) output" "cold" "$OUT"
+    check "basic: cold boot exit status" 4 "$RC"
+    write_config
     run_rm basic2 sh -c 'echo data > /newfile && cat /newfile && rm /bin/ls && ! test -e /bin/ls && echo removed'
     check "basic: writable layer" "$(printf 'data\nremoved')" "$OUT"
     check "basic: writable layer exit" 0 "$RC"

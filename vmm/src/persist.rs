@@ -121,25 +121,45 @@ impl Vmm {
     }
 }
 
-/// Copies the memory file's non-zero pages to `path` (a new sparse file).
+/// The next (start, end) data range of `f` at or after `off` (SEEK_DATA /
+/// SEEK_HOLE: a memfd's never-touched pages are holes); None past the last.
+fn next_data(f: &File, off: u64, size: u64) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let start = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 || start as u64 >= size {
+        return None;
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(f.as_raw_fd(), start, libc::SEEK_HOLE) };
+    let end = if end < 0 { size } else { (end as u64).min(size) };
+    Some((start as u64, end))
+}
+
+/// Copies the memory file's non-zero pages to `path` (a new sparse file),
+/// reading only its data ranges.
 fn write_memory(src: &File, size: u64, path: &Path) -> Result<()> {
-    const CHUNK: usize = 1 << 20;
+    const CHUNK: u64 = 1 << 20;
     const PAGE: usize = 4096;
     let tmp = path.with_extension("tmp");
     let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     out.set_len(size)?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut off = 0u64;
-    while off < size {
-        let n = (size - off).min(CHUNK as u64) as usize;
-        src.read_exact_at(&mut buf[..n], off).context("reading guest memory")?;
-        for (i, page) in buf[..n].chunks(PAGE).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                out.write_all_at(page, off + (i * PAGE) as u64)
-                    .with_context(|| format!("writing {}", tmp.display()))?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut pos = 0u64;
+    while let Some((start, end)) = next_data(src, pos, size) {
+        let mut off = start;
+        while off < end {
+            let n = (end - off).min(CHUNK) as usize;
+            src.read_exact_at(&mut buf[..n], off).context("reading guest memory")?;
+            for (i, page) in buf[..n].chunks(PAGE).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    out.write_all_at(page, off + (i * PAGE) as u64)
+                        .with_context(|| format!("writing {}", tmp.display()))?;
+                }
             }
+            off += n as u64;
         }
-        off += n as u64;
+        pos = end;
     }
     out.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))?;
@@ -272,6 +292,9 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
         v.restore_state(s)?;
         vcpus.push(v);
     }
+    // Devices start serving only now: an interrupt raised before the LAPIC
+    // state was restored would be lost.
+    devices.finish_restore()?;
     let config = VmConfig {
         kernel: rc.snapshot.clone(),
         initrd: None,
@@ -284,4 +307,44 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
         console: rc.console.clone(),
     };
     start_vcpus(vm, mem, mem_file, config, devices, vcpus, reset_evt, events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn memory_file_keeps_data_and_holes() {
+        let (mem, f) = memory::create_memfd(32).unwrap();
+        mem.write_obj(0xabu8, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(0xcdu8, GuestAddress(0x1ff_f000)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(MEMORY_FILE);
+        write_memory(&f, 32 << 20, &p).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), 32 << 20);
+        assert_eq!((data[0x5000], data[0x1ff_f000], data[0x4fff]), (0xab, 0xcd, 0));
+        let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&p).unwrap());
+        assert!(blocks * 512 <= 64 << 10, "the copy is sparse: {blocks} blocks");
+    }
+
+    #[test]
+    fn bad_snapshots_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("state.json"), "{e}");
+        std::fs::write(dir.path().join(STATE_FILE), "{\"version\": 1}").unwrap();
+        let e = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(e.contains("not valid"), "{e}");
+        let rc = RestoreConfig {
+            snapshot: dir.path().join("none"),
+            disks: vec![],
+            fs: vec![],
+            vsock: None,
+            console: Console::Off,
+        };
+        let e = format!("{:#}", restore(&rc, std::sync::mpsc::channel().0).err().unwrap());
+        assert!(e.contains("none/state.json"), "{e}");
+    }
 }

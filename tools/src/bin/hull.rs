@@ -25,6 +25,19 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         wait: u64,
     },
+    /// VM templates (pods start by restoring one instead of booting).
+    Template {
+        #[command(subcommand)]
+        cmd: TemplateCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build the template for the default pod shape of /etc/hull/config.toml
+    /// (or $HULL_CONFIG), if it is not there yet. Runs the shim's
+    /// `build-template` (containerd-shim-hull-v2 next to this binary or on PATH).
+    Build,
 }
 
 fn main() -> ExitCode {
@@ -48,6 +61,16 @@ fn real_main() -> Result<ExitCode> {
             let v = ping(&addr, Duration::from_secs(wait))?;
             println!("agent answered: version {v}");
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Template { cmd: TemplateCmd::Build } => {
+            const SHIM: &str = "containerd-shim-hull-v2";
+            let beside = std::env::current_exe()?.with_file_name(SHIM);
+            let shim = if beside.is_file() { beside } else { SHIM.into() };
+            let st = std::process::Command::new(&shim)
+                .arg("build-template")
+                .status()
+                .map_err(|e| anyhow::anyhow!("running {}: {e}", shim.display()))?;
+            Ok(if st.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }

@@ -90,7 +90,8 @@ impl DeviceManager {
     }
 
     /// Adds a virtio device in the next free window with its transport
-    /// restored from `state` (re-activated if it was active). The window
+    /// restored from `state` (if it was active, [`Self::finish_restore`]
+    /// activates it). The window
     /// and IRQ follow from the position, as when the snapshot was taken.
     pub fn add_virtio_restored(
         &mut self,
@@ -130,6 +131,18 @@ impl DeviceManager {
     /// `virtio_mmio.device=` words announcing every virtio device.
     pub fn cmdline_words(&self) -> Vec<String> {
         self.virtio.iter().map(|s| format!("virtio_mmio.device=4K@{:#x}:{}", s.base, s.irq)).collect()
+    }
+
+    /// Activates the restored devices (after the vCPUs' state is restored).
+    pub fn finish_restore(&self) -> Result<(), DeviceManagerError> {
+        for s in &self.virtio {
+            s.transport
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .finish_restore()
+                .map_err(DeviceManagerError::Transport)?;
+        }
+        Ok(())
     }
 
     /// Each virtio device's transport and device state, in slot order.

@@ -180,6 +180,8 @@ pub struct MmioTransport {
     config_generation: u32,
     device_activated: bool,
     device_broken: bool,
+    /// Restored from an active device: activate in `finish_restore`.
+    restore_pending: bool,
 }
 
 impl MmioTransport {
@@ -213,6 +215,7 @@ impl MmioTransport {
             config_generation: 0,
             device_activated: false,
             device_broken: false,
+            restore_pending: false,
         })
     }
 
@@ -333,11 +336,24 @@ impl MmioTransport {
         if t.status_has(S_FEATURES_OK) {
             t.device.set_acked_features(state.acked_features);
         }
-        if state.device_activated {
-            t.activate().map_err(|e| bad(format!("device type {}: activation: {e}", state.device_type)))?;
-        }
+        // Before activation: the device's worker may raise an interrupt at
+        // once, and that bit must not be overwritten.
         t.interrupt.set_status(state.interrupt_status);
+        t.restore_pending = state.device_activated;
         Ok(t)
+    }
+
+    /// Activates a restored device that was active in the snapshot. Call
+    /// once the vCPUs' state (their LAPICs) is restored: an interrupt the
+    /// device raises earlier would be lost.
+    pub fn finish_restore(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.restore_pending) {
+            let ty = self.device.device_type();
+            self.activate().map_err(|e| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("device type {ty}: activation: {e}"))
+            })?;
+        }
+        Ok(())
     }
 
     fn status_has(&self, bits: u32) -> bool {
@@ -913,6 +929,8 @@ mod tests {
         let rec = Arc::new(Mutex::new(Record::default()));
         let dev = FakeDevice { rec: rec.clone(), max_sizes: vec![16, 8], fail_activate: false, reusable: true };
         let mut t = MmioTransport::restore(f.t.mem.clone(), Box::new(dev), EventFd::new(0).unwrap(), &back).unwrap();
+        assert!(!t.is_activated() && rec.lock().unwrap().activations.is_empty(), "activation waits for the vCPUs");
+        t.finish_restore().unwrap();
         assert!(t.is_activated());
         assert_eq!(rd(&mut t, REG_STATUS), ALL_OK);
         assert_eq!(rd(&mut t, REG_INTERRUPT_STATUS), INT_USED_RING);
@@ -940,7 +958,7 @@ mod tests {
         };
         let restore = |st: &MmioState, d| {
             MmioTransport::restore(f.t.mem.clone(), d, EventFd::new(0).unwrap(), st)
-                .map(|_| ())
+                .and_then(|mut t| t.finish_restore())
                 .unwrap_err()
                 .to_string()
         };

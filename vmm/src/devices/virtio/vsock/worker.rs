@@ -29,6 +29,9 @@ const TOKEN_EVQ: u64 = 2;
 const TOKEN_KILL: u64 = 3;
 const TOKEN_CMD: u64 = 4;
 
+/// How long host connections wait for the guest to handle a transport reset.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Worker {
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
@@ -43,7 +46,8 @@ pub struct Worker {
     /// The event was delivered; the guest has not yet handled it (it kicks
     /// the event queue when it gives the buffer back). Host connections
     /// wait meanwhile: the guest would reset them along with the old ones.
-    reset_unacked: bool,
+    /// Bounded: after RESET_ACK_TIMEOUT they are accepted anyway.
+    reset_unacked: Option<Instant>,
     muxer: Muxer,
     scratch: Vec<u8>,
 }
@@ -76,7 +80,7 @@ impl Worker {
             cmd_evt,
             reset_requested,
             reset_to_deliver: false,
-            reset_unacked: false,
+            reset_unacked: None,
             muxer,
             scratch: vec![0u8; MAX_PKT_PAYLOAD],
         })
@@ -106,10 +110,10 @@ impl Worker {
         let now = Instant::now();
         let until_deadline =
             self.muxer.next_deadline().map(|d| d.saturating_duration_since(now) + Duration::from_millis(1));
-        let wait = match (max_wait, until_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let until_reset_timeout = self
+            .reset_unacked
+            .map(|t| (t + RESET_ACK_TIMEOUT).saturating_duration_since(now) + Duration::from_millis(1));
+        let wait = [max_wait, until_deadline, until_reset_timeout].into_iter().flatten().min();
         let timeout_ms = wait.map_or(-1, |d| d.as_millis().min(i32::MAX as u128) as i32);
 
         let mut events = [EpollEvent::default(); 64];
@@ -126,11 +130,8 @@ impl Worker {
                 }
                 TOKEN_EVQ => {
                     let _ = self.queue_evts[EVQ].read();
-                    if self.reset_unacked && !self.reset_to_deliver {
-                        self.reset_unacked = false;
-                        if let Err(e) = self.muxer.set_accepting(true) {
-                            error!("vsock: listening again after the transport reset: {e}");
-                        }
+                    if self.reset_unacked.is_some() && !self.reset_to_deliver {
+                        self.end_reset_wait();
                     }
                 }
                 TOKEN_KILL => {
@@ -144,16 +145,27 @@ impl Worker {
                 t => debug!("vsock: unexpected epoll token {t}"),
             }
         }
+        if self.reset_unacked.is_some_and(|t| t.elapsed() >= RESET_ACK_TIMEOUT) {
+            log::warn!("vsock: the guest did not hand back the transport reset event buffer; accepting connections");
+            self.end_reset_wait();
+        }
         self.process_all();
         Ok(true)
+    }
+
+    fn end_reset_wait(&mut self) {
+        self.reset_unacked = None;
+        if let Err(e) = self.muxer.set_accepting(true) {
+            error!("vsock: listening again after the transport reset: {e}");
+        }
     }
 
     fn process_all(&mut self) {
         if self.reset_requested.swap(false, Ordering::SeqCst) {
             self.muxer.reset_all();
             self.reset_to_deliver = true;
-            if !self.reset_unacked {
-                self.reset_unacked = true;
+            if self.reset_unacked.is_none() {
+                self.reset_unacked = Some(Instant::now());
                 if let Err(e) = self.muxer.set_accepting(false) {
                     error!("vsock: pausing the listener for the transport reset: {e}");
                 }
