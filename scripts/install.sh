@@ -136,9 +136,16 @@ else
     fi
 fi
 
-# --- disk pool ----------------------------------------------------------------
+# --- disk pool and VM template ----------------------------------------------
 if [[ -z "$DESTDIR" ]]; then
     HULL_CONFIG="$config" "$PREFIX/bin/containerd-shim-hull-v2" fill-disk-pool || say "warning: could not fill the disk pool"
+    # The VM template for the default pod shape (needs a host that runs microVMs;
+    # otherwise the first pod builds it).
+    if "$PREFIX/bin/hull" check >/dev/null 2>&1; then
+        HULL_CONFIG="$config" "$PREFIX/bin/containerd-shim-hull-v2" build-template || say "warning: could not build the VM template"
+    else
+        say "this host cannot run microVMs (hull check): the VM template is built by the first pod elsewhere"
+    fi
 fi
 
 say "done. Check this host with: $PREFIX/bin/hull check"
