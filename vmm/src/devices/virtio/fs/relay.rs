@@ -12,7 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use log::{debug, error, warn};
@@ -62,6 +62,8 @@ pub struct Shared {
     pub changed: Condvar,
     pub evt: EventFd,
     pub broken: Arc<AtomicBool>,
+    /// Requests relayed and not answered yet (updated by the worker).
+    pub in_flight: AtomicUsize,
 }
 
 /// One queue: the guest side and its shadow.
@@ -490,8 +492,10 @@ impl Relay {
 
     /// Publishes the pause state; returns (stop, pause).
     fn check_control(&self) -> (bool, bool) {
+        let in_flight = self.in_flight();
+        self.shared.in_flight.store(in_flight, Ordering::SeqCst);
         let mut c = self.shared.control.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = c.pause && self.in_flight() == 0;
+        let idle = c.pause && in_flight == 0;
         if c.idle != idle {
             c.idle = idle;
             self.shared.changed.notify_all();

@@ -720,6 +720,8 @@ fn pause_waits_for_in_flight_and_resume_continues() {
     let mut s = activate_against(&d, memfd_memory());
     fuse_init(&mut s);
     assert!(s.fs.pause(Duration::from_secs(10)));
+    assert_eq!(s.fs.in_flight(), 0);
+    assert!(matches!(s.fs.snapshot_state(), Some(crate::devices::virtio::DeviceState::Fs(_))));
     // Paused: a new request stays in the avail ring.
     let req = fuse_req(FUSE_LOOKUP, 0x99, 1, b"hello.txt\0");
     s.mem.write_slice(&req, GuestAddress(INP)).unwrap();
