@@ -59,14 +59,22 @@ fn stop_by_pid_file(paths: &SandboxPaths, what: &str) -> Option<String> {
     Some(format!("stopped {what} (pid {pid})"))
 }
 
-/// Cleans up a pod directory whose shim is gone. Returns what was done.
-pub fn cleanup_sandbox_dir(dir: &Path) -> Vec<String> {
+/// Cleans up a pod directory whose shim is gone (and the pod's host cgroup
+/// under `cgroup_parent`). Returns what was done.
+pub fn cleanup_sandbox_dir(dir: &Path, cgroup_parent: &str) -> Vec<String> {
     let paths = SandboxPaths::new(dir.to_path_buf());
     let mut done = Vec::new();
     // hull-vmm first: its exit ends virtiofsd's vhost-user connection.
     for what in ["hull-vmm", "virtiofsd"] {
         if let Some(d) = stop_by_pid_file(&paths, what) {
             done.push(d);
+        }
+    }
+    if let Some(pod_id) = dir.file_name().and_then(|n| n.to_str()) {
+        let k8s = std::fs::read_to_string(dir.join(crate::sandbox::K8S_CGROUP_FILE)).ok();
+        match crate::cgroups::cleanup_pod_cgroup(cgroup_parent, pod_id, k8s.as_deref().map(str::trim)) {
+            Ok(d) => done.extend(d),
+            Err(e) => done.push(format!("pod cgroup: {e}")),
         }
     }
     if dir.exists() {
@@ -93,7 +101,7 @@ pub fn delete_command(cfg: &Config, id: &str, bundle: &Path) -> Vec<String> {
             return vec![format!("pod {sandbox_id}: its shim (pid {pid}) is running; nothing to clean up")];
         }
     }
-    cleanup_sandbox_dir(&dir)
+    cleanup_sandbox_dir(&dir, &cfg.paths.cgroup_parent)
 }
 
 #[cfg(test)]
@@ -107,8 +115,12 @@ mod tests {
     fn fake(dir: &Path, stubborn: bool) -> std::process::Child {
         let script =
             if stubborn { "trap '' TERM; while :; do sleep 0.05; done" } else { "while :; do sleep 0.05; done" };
-        let c =
-            Command::new("sh").args(["-c", script, "fake"]).arg(dir.join("api.sock")).stdin(Stdio::null()).spawn().unwrap();
+        let c = Command::new("sh")
+            .args(["-c", script, "fake"])
+            .arg(dir.join("api.sock"))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
         // Until it has exec'd, the child's command line is the test binary's.
         let t = Instant::now();
         while !belongs_to(c.id() as i32, dir) {

@@ -7,6 +7,7 @@
 //! ttrpc connection → SetupSandbox. Any failure undoes everything (processes
 //! stopped, mounts gone, directory removed) before the error is returned.
 
+use crate::cgroups::{HostCgroups, PodCgroup};
 use crate::config::Config;
 use crate::diskpool::{DiskPool, Taken};
 use crate::mounts;
@@ -175,6 +176,8 @@ pub struct SandboxSpec {
     pub id: String,
     pub hostname: Option<String>,
     pub resources: Resources,
+    /// The sandbox's `linux.cgroupsPath` (Kubernetes' pod cgroup), if any.
+    pub k8s_cgroup: Option<String>,
 }
 
 pub struct Sandbox {
@@ -185,6 +188,7 @@ pub struct Sandbox {
     pub stdio_addr: AgentAddr,
     vmm: Watched,
     virtiofsd: Watched,
+    cgroup: Mutex<Option<PodCgroup>>,
     disk_slots: usize,
     next_slot: AtomicUsize,
     shutting_down: AtomicBool,
@@ -196,6 +200,7 @@ struct Partial {
     paths: SandboxPaths,
     virtiofsd: Option<Watched>,
     vmm: Option<Watched>,
+    cgroup: Option<PodCgroup>,
 }
 
 impl Partial {
@@ -206,9 +211,25 @@ impl Partial {
         if let Some(v) = &self.virtiofsd {
             v.stop(Duration::from_secs(2)).await;
         }
+        remove_cgroup(self.cgroup).await;
         remove_state_dir(&self.paths.dir);
     }
 }
+
+/// Removes a pod's host cgroup once its processes are gone.
+async fn remove_cgroup(cg: Option<PodCgroup>) {
+    if let Some(cg) = cg {
+        match tokio::task::spawn_blocking(move || cg.remove()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!("{e}"),
+            Err(e) => error!("removing the pod cgroup: {e}"),
+        }
+    }
+}
+
+/// The file in a pod's state dir naming its Kubernetes cgroup path, for
+/// the `delete` command's cleanup.
+pub const K8S_CGROUP_FILE: &str = "k8s-cgroup";
 
 /// Unmounts everything under a pod's state directory and removes it.
 pub fn remove_state_dir(dir: &Path) {
@@ -236,6 +257,15 @@ pub fn read_pid(path: &Path) -> Option<i32> {
 
 fn write_pid(path: &Path, pid: u32) -> Result<(), String> {
     fs::write(path, format!("{pid}\n")).map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Makes the child join `cg` between fork and exec.
+fn join_cgroup(cmd: &mut tokio::process::Command, cg: &PodCgroup) -> Result<(), String> {
+    let join = cg.join_before_exec().map_err(|e| e.to_string())?;
+    // SAFETY: the hook only writes to already-open cgroup.procs files (no
+    // allocation, no locks), which is async-signal-safe.
+    unsafe { cmd.pre_exec(join) };
+    Ok(())
 }
 
 fn log_file(path: &Path) -> Result<fs::File, String> {
@@ -273,8 +303,8 @@ impl Sandbox {
                 }
                 _ => {
                     warn!("pod {}: removing the leftovers of an earlier run in {}", spec.id, paths.dir.display());
-                    let d = paths.dir.clone();
-                    let done = tokio::task::spawn_blocking(move || crate::cleanup::cleanup_sandbox_dir(&d))
+                    let (d, parent) = (paths.dir.clone(), cfg.paths.cgroup_parent.clone());
+                    let done = tokio::task::spawn_blocking(move || crate::cleanup::cleanup_sandbox_dir(&d, &parent))
                         .await
                         .map_err(|e| e.to_string())?;
                     info!("pod {}: {}", spec.id, done.join(", "));
@@ -287,7 +317,7 @@ impl Sandbox {
             .mode(0o700)
             .create(&paths.dir)
             .map_err(|e| format!("create {}: {e}", paths.dir.display()))?;
-        let mut partial = Partial { paths: paths.clone(), virtiofsd: None, vmm: None };
+        let mut partial = Partial { paths: paths.clone(), virtiofsd: None, vmm: None, cgroup: None };
         match Sandbox::start_in(cfg, &spec, &mut partial).await {
             Ok(s) => Ok(s),
             Err(e) => {
@@ -339,8 +369,29 @@ impl Sandbox {
             pool.refill_in_background();
         }
 
+        // The pod's host cgroup (from the pool): virtiofsd and hull-vmm join
+        // it before they exec, so everything they use is charged to it.
+        let r = spec.resources;
+        if let Some(k) = &spec.k8s_cgroup {
+            fs::write(paths.dir.join(K8S_CGROUP_FILE), k).map_err(|e| format!("write {K8S_CGROUP_FILE}: {e}"))?;
+        }
+        let (c, id, k8s) = (cfg.clone(), spec.id.clone(), spec.k8s_cgroup.clone());
+        let cgroup = tokio::task::spawn_blocking(move || -> Result<PodCgroup, String> {
+            let host = HostCgroups::detect(&c.paths.cgroup_parent, c.defaults.cgroup_pool_size as usize)
+                .map_err(|e| e.to_string())?;
+            let cg = host.take(&id, k8s.as_deref()).map_err(|e| e.to_string())?;
+            host.refill_in_background();
+            Ok(cg)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("host cgroup: {e}"))?;
+        partial.cgroup = Some(cgroup.clone());
+        cgroup.set_limits(r.vcpus, Some(r.mem_mib << 20)).map_err(|e| format!("host cgroup limits: {e}"))?;
+
         // virtiofsd (see docs/config.md for the choice of flags).
         let mut cmd = tokio::process::Command::new(&cfg.paths.virtiofsd);
+        join_cgroup(&mut cmd, &cgroup)?;
         cmd.arg(format!("--socket-path={}", paths.virtiofsd_socket().display()))
             .arg(format!("--shared-dir={}", paths.shared().display()))
             .args(["--sandbox=chroot", "--cache=always", "--xattr", "--thread-pool-size=0", "--log-level=warn"])
@@ -366,7 +417,6 @@ impl Sandbox {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
 
-        let r = spec.resources;
         // A template to restore (built on first use), or a cold boot.
         let snapshot = if cfg.defaults.template {
             let shape = crate::template::Shape { vcpus: r.vcpus, mem_mib: r.mem_mib, disk_slots: slots };
@@ -394,6 +444,7 @@ impl Sandbox {
         };
 
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
+        join_cgroup(&mut cmd, &cgroup)?;
         match &snapshot {
             Some(snap) => {
                 cmd.arg("--restore").arg(snap);
@@ -512,6 +563,7 @@ impl Sandbox {
             agent,
             vmm: partial.vmm.take().unwrap(),
             virtiofsd: partial.virtiofsd.take().unwrap(),
+            cgroup: Mutex::new(partial.cgroup.take()),
             disk_slots: slots,
             next_slot: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
@@ -579,6 +631,10 @@ impl Sandbox {
             warn!("pod {}: virtiofsd still running after hull-vmm exited; stopping it", self.id);
             self.virtiofsd.stop(Duration::from_secs(2)).await;
         }
+        // Before the state dir: should the shim die in between, the dir
+        // still tells `delete` to clean up.
+        let cg = self.cgroup.lock().unwrap().take();
+        remove_cgroup(cg).await;
         let dir = self.paths.dir.clone();
         let _ = tokio::task::spawn_blocking(move || remove_state_dir(&dir)).await;
         info!("pod {}: shut down", self.id);

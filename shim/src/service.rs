@@ -248,6 +248,7 @@ impl HullTask {
         pod: &pod::PodInfo,
         annotations: &HashMap<String, String>,
         hostname: Option<String>,
+        cgroups_path: Option<String>,
     ) -> TtrpcResult<Arc<Sandbox>> {
         let resources = if pod.role.starts_pod() {
             pod::resources(annotations, &cfg.defaults).map_err(|e| err(Code::INVALID_ARGUMENT, e))?
@@ -258,7 +259,10 @@ impl HullTask {
             );
             pod::resources(&HashMap::new(), &cfg.defaults).map_err(|e| err(Code::INVALID_ARGUMENT, e))?
         };
-        let spec = SandboxSpec { id: pod.sandbox_id.clone(), hostname, resources };
+        // Only a sandbox container's cgroup path is the pod's (a plain `ctr
+        // run` container's is its own, which is as good).
+        let k8s_cgroup = cgroups_path.filter(|_| pod.role.starts_pod());
+        let spec = SandboxSpec { id: pod.sandbox_id.clone(), hostname, resources, k8s_cgroup };
         let sandbox = Arc::new(Sandbox::start(cfg, spec).await.map_err(|e| err(Code::FAILED_PRECONDITION, e))?);
         // OOM events: the agent's long poll, for the VM's lifetime.
         let (task, agent) = (self.clone(), sandbox.agent.clone());
@@ -325,6 +329,8 @@ impl HullTask {
         io::check_stdio(&stdio).map_err(|e| err(Code::UNIMPLEMENTED, e))?;
         let bundle = PathBuf::from(&req.bundle);
         let spec_json = spec::read_bundle_spec(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
+        // Kubernetes' cgroup for the pod (the sandbox's); the host cgroup of its VM goes there.
+        let cgroups_path = spec_json.pointer("/linux/cgroupsPath").and_then(|v| v.as_str()).map(str::to_string);
         let guest =
             spec::guest_spec(spec_json, id).map_err(|e| err(Code::INVALID_ARGUMENT, format!("OCI spec: {e}")))?;
         for w in &guest.warnings {
@@ -352,7 +358,7 @@ impl HullTask {
                 ))
             }
             None => {
-                let s = self.boot(cfg, &pod, &guest.annotations, guest.hostname.clone()).await?;
+                let s = self.boot(cfg, &pod, &guest.annotations, guest.hostname.clone(), cgroups_path).await?;
                 *sb = Some(s.clone());
                 s
             }

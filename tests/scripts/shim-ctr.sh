@@ -147,6 +147,9 @@ nothing_left() {
         "$(ls "$state" 2>/dev/null | grep -v '^templates$' | tr '\n' ' ' | sed 's/ $//') templates"
     check "$1: no template build left behind" 0 "$(ls "$state/templates" 2>/dev/null | grep -c '\.build-')"
     check "$1: no mounts under the state dir" 0 "$(grep -c " $state/" /proc/self/mountinfo)"
+    check "$1: no process left in hull's host cgroups" 0 "$(find /sys/fs/cgroup/hull -name cgroup.procs -exec cat {} + 2>/dev/null | wc -l)"
+    check "$1: no pod cgroup left" 0 "$(ls /sys/fs/cgroup/hull 2>/dev/null | grep -c '^pod-')"
+    check "$1: no cgroup left where containerd named them" 0 "$(find /sys/fs/cgroup/default -mindepth 1 -type d 2>/dev/null | wc -l)"
 }
 
 has() { case " $cases " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -287,6 +290,15 @@ if has pod; then
     done
     check "pod: one VM for the pod" 1 "$(vmm_count "$state/pod1/")"
     check "pod: one VM in all" 1 "$(vmm_count)"
+    vmm_pid="$(pgrep -f "hull-vmm.*$state/pod1/" | head -n 1)"
+    vmm_cg="$(cut -d: -f3 "/proc/$vmm_pid/cgroup" | head -n 1)"
+    # containerd names the task's cgroup (linux.cgroupsPath = /<namespace>/<id>); the VM goes there.
+    check "pod: hull-vmm runs in the sandbox's cgroup" "/default/pod1" "$vmm_cg"
+    check "pod: virtiofsd in the same cgroup" "$vmm_cg" \
+        "$(cut -d: -f3 "/proc/$(pgrep -f "virtiofsd.*$state/pod1/" | head -n 1)/cgroup" | head -n 1)"
+    mem_max="$(cat "/sys/fs/cgroup$vmm_cg/memory.max" 2>/dev/null)"
+    echo "INFO pod cgroup $vmm_cg memory.max=$mem_max cpu.max=$(cat "/sys/fs/cgroup$vmm_cg/cpu.max" 2>/dev/null)"
+    check "pod: memory limit written (384 MiB guest + overhead)" 1 "$(awk -v m="${mem_max:-0}" 'BEGIN {print (m > 402653184 && m < 536870912)}')"
     check "pod: one shim for the pod" 1 "$(pgrep -f 'containerd-shim-hull-v2 .*-id pod1 ' | wc -l)"
     "${CTR[@]}" task exec --exec-id w pod1-c1 sh -c 'echo mine > /only-c1' </dev/null
     "${CTR[@]}" task exec --exec-id r pod1-c2 test -e /only-c1 </dev/null
