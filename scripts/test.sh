@@ -7,6 +7,16 @@ cd "$root"
 export PATH="$HOME/.cargo/bin:/usr/local/sbin:/usr/sbin:/sbin:$PATH"
 
 scripts/setup.sh
+# A fresh clone builds in a cargo target directory kept outside it (cargo's
+# fingerprints decide what to rebuild: dependencies stay built, this clone's
+# crates are rebuilt), so CI does not start from a cold build every time.
+# HULL_TARGET_CACHE= (empty) builds in ./target instead.
+cache="${HULL_TARGET_CACHE-/var/cache/hull/cargo-target}"
+if [[ -n "$cache" && ! -e target ]]; then
+    mkdir -p "$cache"
+    ln -s "$cache" target
+    echo "test: cargo target directory: $cache (shared between clones)" >&2
+fi
 scripts/build.sh
 . target/hull-artifacts.env
 
