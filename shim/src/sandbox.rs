@@ -259,6 +259,63 @@ fn write_pid(path: &Path, pid: u32) -> Result<(), String> {
     fs::write(path, format!("{pid}\n")).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
+/// virtiofsd's arguments for a pod (see docs/config.md for the flags).
+pub fn virtiofsd_args(paths: &SandboxPaths) -> Vec<String> {
+    vec![
+        format!("--socket-path={}", paths.virtiofsd_socket().display()),
+        format!("--shared-dir={}", paths.shared().display()),
+        "--sandbox=chroot".into(),
+        "--cache=always".into(),
+        "--xattr".into(),
+        "--thread-pool-size=0".into(),
+        "--log-level=warn".into(),
+    ]
+}
+
+/// How a pod VM starts.
+#[derive(Debug, Clone, Copy)]
+pub enum VmBoot<'a> {
+    Cold { vcpus: u32, mem_mib: u64 },
+    Restore(&'a Path),
+}
+
+/// hull-vmm's arguments for a pod VM with `slots` disk slots: the one
+/// place that decides the device layout, which a template and the pods
+/// restored from it must share.
+pub fn vmm_args(cfg: &Config, paths: &SandboxPaths, boot: VmBoot, slots: usize) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = Vec::new();
+    match boot {
+        VmBoot::Restore(snap) => a.extend(["--restore".into(), snap.into()]),
+        VmBoot::Cold { vcpus, mem_mib } => a.extend([
+            "--kernel".into(),
+            cfg.paths.kernel.clone().into(),
+            "--initrd".into(),
+            cfg.paths.initramfs.clone().into(),
+            "--cmdline".into(),
+            CMDLINE.into(),
+            "--mem".into(),
+            mem_mib.to_string().into(),
+            "--vcpus".into(),
+            vcpus.to_string().into(),
+        ]),
+    }
+    a.extend([
+        "--vsock-socket".into(),
+        paths.vsock().into(),
+        "--fs-socket".into(),
+        format!("{},tag={FS_TAG}", paths.virtiofsd_socket().display()).into(),
+        "--console".into(),
+        paths.console().into(),
+        "--api-socket".into(),
+        paths.api().into(),
+    ]);
+    for slot in 0..slots {
+        let serial = SandboxPaths::disk_serial(slot);
+        a.extend(["--disk".into(), format!("{},id={serial}", paths.disk_image(&serial).display()).into()]);
+    }
+    a
+}
+
 /// Makes the child join `cg` between fork and exec.
 fn join_cgroup(cmd: &mut tokio::process::Command, cg: &PodCgroup) -> Result<(), String> {
     let join = cg.join_before_exec().map_err(|e| e.to_string())?;
@@ -392,9 +449,7 @@ impl Sandbox {
         // virtiofsd (see docs/config.md for the choice of flags).
         let mut cmd = tokio::process::Command::new(&cfg.paths.virtiofsd);
         join_cgroup(&mut cmd, &cgroup)?;
-        cmd.arg(format!("--socket-path={}", paths.virtiofsd_socket().display()))
-            .arg(format!("--shared-dir={}", paths.shared().display()))
-            .args(["--sandbox=chroot", "--cache=always", "--xattr", "--thread-pool-size=0", "--log-level=warn"])
+        cmd.args(virtiofsd_args(&paths))
             .stdin(Stdio::null())
             .stdout(log_file(&paths.log("virtiofsd"))?)
             .stderr(log_file(&paths.log("virtiofsd"))?);
@@ -445,31 +500,11 @@ impl Sandbox {
 
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
         join_cgroup(&mut cmd, &cgroup)?;
-        match &snapshot {
-            Some(snap) => {
-                cmd.arg("--restore").arg(snap);
-            }
-            None => {
-                cmd.arg("--kernel")
-                    .arg(&cfg.paths.kernel)
-                    .arg("--initrd")
-                    .arg(&cfg.paths.initramfs)
-                    .args(["--cmdline", CMDLINE])
-                    .args(["--mem", &r.mem_mib.to_string(), "--vcpus", &r.vcpus.to_string()]);
-            }
-        }
-        cmd.arg("--vsock-socket")
-            .arg(paths.vsock())
-            .arg("--fs-socket")
-            .arg(format!("{},tag={FS_TAG}", paths.virtiofsd_socket().display()))
-            .arg("--console")
-            .arg(paths.console())
-            .arg("--api-socket")
-            .arg(paths.api());
-        for slot in 0..slots {
-            let serial = SandboxPaths::disk_serial(slot);
-            cmd.arg("--disk").arg(format!("{},id={serial}", paths.disk_image(&serial).display()));
-        }
+        let boot = match &snapshot {
+            Some(snap) => VmBoot::Restore(snap),
+            None => VmBoot::Cold { vcpus: r.vcpus, mem_mib: r.mem_mib },
+        };
+        cmd.args(vmm_args(cfg, &paths, boot, slots));
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
         write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
@@ -678,6 +713,29 @@ mod tests {
         fs::write(&p, (1..=100).map(|i| format!("line {i}\n")).collect::<String>()).unwrap();
         assert_eq!(tail(&p, 2), "line 99\nline 100");
         assert_eq!(tail(&dir.path().join("none"), 2), "");
+    }
+
+    #[test]
+    fn template_and_restored_pods_get_the_same_devices() {
+        let cfg = Config::default();
+        let p = SandboxPaths::new("/run/hull/sb".into());
+        let cold = vmm_args(&cfg, &p, VmBoot::Cold { vcpus: 2, mem_mib: 512 }, 3);
+        let snap = Path::new("/run/hull/templates/k");
+        let restored = vmm_args(&cfg, &p, VmBoot::Restore(snap), 3);
+        let s = |v: &[std::ffi::OsString]| v.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let (cold, restored) = (s(&cold), s(&restored));
+        assert_eq!(&restored[..2], ["--restore", "/run/hull/templates/k"]);
+        assert_eq!(
+            cold[..10].join(" "),
+            format!(
+                "--kernel {} --initrd {} --cmdline {CMDLINE} --mem 512 --vcpus 2",
+                cfg.paths.kernel.display(),
+                cfg.paths.initramfs.display()
+            )
+        );
+        assert_eq!(cold[10..], restored[2..], "same devices in the same order");
+        assert_eq!(cold.iter().filter(|a| *a == "--disk").count(), 3);
+        assert!(cold.contains(&"/run/hull/sb/disks/hullrw2.img,id=hullrw2".to_string()));
     }
 
     #[test]

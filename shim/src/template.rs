@@ -16,7 +16,7 @@
 //! renamed into place only when complete.
 
 use crate::config::Config;
-use crate::sandbox::{tail, SandboxPaths, CMDLINE, FS_TAG};
+use crate::sandbox::{tail, virtiofsd_args, vmm_args, SandboxPaths, VmBoot, CMDLINE, FS_TAG};
 use hull_agent_api::READY_MARKER;
 use log::{info, warn};
 use sha2::{Digest, Sha256};
@@ -139,9 +139,7 @@ fn build_in(cfg: &Config, shape: Shape, build: &Path) -> Result<(), String> {
         fs::File::create(paths.log(what)).map_err(|e| format!("create {}: {e}", paths.log(what).display()))
     };
     let vfs = Command::new(&cfg.paths.virtiofsd)
-        .arg(format!("--socket-path={}", paths.virtiofsd_socket().display()))
-        .arg(format!("--shared-dir={}", paths.shared().display()))
-        .args(["--sandbox=chroot", "--cache=always", "--thread-pool-size=0", "--log-level=warn"])
+        .args(virtiofsd_args(&paths))
         .stdin(Stdio::null())
         .stdout(log("virtiofsd")?)
         .stderr(log("virtiofsd")?)
@@ -152,30 +150,15 @@ fn build_in(cfg: &Config, shape: Shape, build: &Path) -> Result<(), String> {
 
     let notify = UnixListener::bind(paths.notify_socket())
         .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?;
-    let mut cmd = Command::new(&cfg.paths.hull_vmm);
-    cmd.arg("--kernel")
-        .arg(&cfg.paths.kernel)
-        .arg("--initrd")
-        .arg(&cfg.paths.initramfs)
-        .args(["--cmdline", CMDLINE])
-        .args(["--mem", &shape.mem_mib.to_string(), "--vcpus", &shape.vcpus.to_string()])
-        .arg("--vsock-socket")
-        .arg(paths.vsock())
-        .arg("--fs-socket")
-        .arg(format!("{},tag={FS_TAG}", paths.virtiofsd_socket().display()))
-        .arg("--console")
-        .arg(paths.console())
-        .arg("--api-socket")
-        .arg(paths.api());
     // Sparse stand-ins of the pool disks' exact size: the guest learns
     // each slot's capacity now and a restored VM must match it.
     for slot in 0..shape.disk_slots {
-        let serial = SandboxPaths::disk_serial(slot);
-        let img = paths.disk_image(&serial);
+        let img = paths.disk_image(&SandboxPaths::disk_serial(slot));
         let f = fs::File::create(&img).map_err(|e| format!("create {}: {e}", img.display()))?;
         f.set_len(cfg.defaults.disk_size_mib << 20).map_err(|e| format!("size {}: {e}", img.display()))?;
-        cmd.arg("--disk").arg(format!("{},id={serial}", img.display()));
     }
+    let mut cmd = Command::new(&cfg.paths.hull_vmm);
+    cmd.args(vmm_args(cfg, &paths, VmBoot::Cold { vcpus: shape.vcpus, mem_mib: shape.mem_mib }, shape.disk_slots));
     let vmm = cmd
         .stdin(Stdio::null())
         .stdout(log("hull-vmm")?)
