@@ -280,7 +280,10 @@ fn run_pods(a: &RunArgs) -> Result<pods::PodsResult> {
     }
     let st = child.wait()?;
     match result {
-        Some(r) => Ok(r),
+        Some(mut r) => {
+            r.host = "lab (TCG-emulated KVM host)".into();
+            Ok(r)
+        }
         None => bail!("the lab run ended ({st}) without a result"),
     }
 }

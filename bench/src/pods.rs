@@ -52,6 +52,12 @@ pub struct Split {
     pub sandbox_ready_ms: Option<f64>,
     /// The shim's log lines for this pod that carry a time.
     pub log: Vec<String>,
+    /// containerd's log lines naming this pod (with their timestamps), and
+    /// the wall clock (Unix ms) when ctr was started and when it returned.
+    #[serde(default)]
+    pub raw: Vec<String>,
+    #[serde(default)]
+    pub ctr_start_unix_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -125,6 +131,10 @@ pub struct PodsResult {
     pub cpu_one_start: Summary,
     /// Idle CPU use of the machine (ms of CPU per s), subtracted above.
     pub idle_cpu_ms_per_s: f64,
+    /// Wall time of `ctr task ls -q` (ctr's own start + one containerd call):
+    /// the floor under every `ctr run -d` figure.
+    #[serde(default)]
+    pub ctr_floor: Summary,
     pub bursts: Vec<Burst>,
     pub density: Option<Density>,
     pub errors: Vec<String>,
@@ -140,6 +150,7 @@ struct Env {
     path_env: String,
     ctrd_log: PathBuf,
     seq: usize,
+    started: std::sync::Mutex<BTreeMap<String, f64>>,
 }
 
 fn log(msg: impl AsRef<str>) {
@@ -200,7 +211,18 @@ impl Env {
             .stderr(std::fs::File::create(&ctrd_log)?.try_clone()?)
             .spawn()
             .context("starting containerd (apt-get install containerd)")?;
-        let env = Env { opts, work, ctrd, config, state, containerd, path_env, ctrd_log, seq: 0 };
+        let env = Env {
+            opts,
+            work,
+            ctrd,
+            config,
+            state,
+            containerd,
+            path_env,
+            ctrd_log,
+            seq: 0,
+            started: Default::default(),
+        };
         let t = Instant::now();
         while !env.ctrd.join("containerd.sock").exists() {
             if t.elapsed() > Duration::from_secs(60) {
@@ -248,7 +270,10 @@ impl Env {
             o.disks_per_pod,
         );
         if let Some(t) = template {
-            s.push_str(&format!("template = {t}\n"));
+            // The keys that came with templates and the host cgroup pool; the
+            // cgroup pool as large as the disk pool, so bursts take pooled ones.
+            s.push_str(&format!("template = {t}\ncgroup_pool_size = {pool}\n"));
+            s = s.replace("state_dir = ", "cgroup_parent = \"hull-bench\"\nstate_dir = ");
         }
         std::fs::write(&self.config, s)?;
         Ok(())
@@ -270,6 +295,8 @@ impl Env {
 
     /// `ctr run -d` of a pod that idles; its wall time in ms.
     fn start_pod(&self, id: &str) -> Result<f64> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.started.lock().unwrap().insert(id.to_string(), now.as_secs_f64() * 1e3);
         let t = Instant::now();
         let out = self
             .ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000000"])
@@ -338,6 +365,8 @@ impl Env {
             }
             s.log.push(msg);
         }
+        s.raw = text.lines().filter(|l| l.contains(id)).take(40).map(str::to_string).collect();
+        s.ctr_start_unix_ms = self.started.lock().unwrap().get(id).copied().unwrap_or(0.0);
         s
     }
 
@@ -373,6 +402,15 @@ impl Env {
         self.fill_pool()?;
         r.idle_cpu_ms_per_s = idle_rate(Duration::from_secs(3));
         log(format!("idle CPU: {:.1} ms/s", r.idle_cpu_ms_per_s));
+        let mut floor = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            if self.ctr(&["task", "ls", "-q"]).output().map(|o| o.status.success()).unwrap_or(false) {
+                floor.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        r.ctr_floor = Summary::of(&floor);
+        log(format!("ctr floor (task ls): p50 {:.0} ms", r.ctr_floor.p50));
 
         // --- baseline: QEMU microvm cold boot to the agent's ready line ---
         log(format!("QEMU microvm boot to ready, {} runs", o.runs));

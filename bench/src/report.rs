@@ -83,6 +83,9 @@ fn targets(r: &Report) -> Vec<Target> {
                             .ok();
                     }
                 }
+                if p.ctr_floor.n > 0 {
+                    write!(m, " (of which ctr's own start + one call: {:.0} ms)", p.ctr_floor.p50).ok();
+                }
                 if !p.template_supported {
                     m.push_str("; the shim had no defaults.template: these starts were cold boots");
                 }
@@ -263,6 +266,9 @@ pub fn print_table(r: &Report) {
                 if s.errors.is_empty() { String::new() } else { format!("  ({} failed)", s.errors.len()) }
             )
             .ok();
+        }
+        if p.ctr_floor.n > 0 {
+            writeln!(out, "  ctr floor (`ctr task ls`: ctr start + one call), p50: {:.0} ms", p.ctr_floor.p50).ok();
         }
         if let Some(b) = p.template_build_ms {
             writeln!(out, "  template build (once, not in the figures): {b:.0} ms").ok();
