@@ -270,7 +270,7 @@ fn run_pods(a: &RunArgs) -> Result<pods::PodsResult> {
         .stderr(Stdio::inherit());
     eprintln!("hull-bench: pod measurements in the lab (waits for the lab lock if another run holds it)");
     let mut child = c.spawn().with_context(|| format!("starting {}", lab.display()))?;
-    let mut result = None;
+    let mut result: Option<pods::PodsResult> = None;
     for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
         match line.strip_prefix(pods::JSON_MARK) {
