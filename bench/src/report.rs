@@ -86,6 +86,10 @@ fn targets(r: &Report) -> Vec<Target> {
                 if p.ctr_floor.n > 0 {
                     write!(m, " (of which ctr's own start + one call: {:.0} ms)", p.ctr_floor.p50).ok();
                 }
+                if let Some(ph) = phase_p50s(&p.template.splits) {
+                    let parts: Vec<String> = PHASES.iter().zip(ph).map(|(n, v)| format!("{n} {v:.0} ms")).collect();
+                    write!(m, "; from containerd's log timestamps, p50: {}", parts.join(", ")).ok();
+                }
                 if !p.template_supported {
                     m.push_str("; the shim had no defaults.template: these starts were cold boots");
                 }
@@ -266,6 +270,12 @@ pub fn print_table(r: &Report) {
                 if s.errors.is_empty() { String::new() } else { format!("  ({} failed)", s.errors.len()) }
             )
             .ok();
+        }
+        for s in [&p.cold, &p.template] {
+            if let Some(ph) = phase_p50s(&s.splits) {
+                let parts: Vec<String> = PHASES.iter().zip(ph).map(|(n, v)| format!("{n} {v:.0}")).collect();
+                writeln!(out, "  {} split, p50 ms: {}", s.label, parts.join(" | ")).ok();
+            }
         }
         if p.ctr_floor.n > 0 {
             writeln!(out, "  ctr floor (`ctr task ls`: ctr start + one call), p50: {:.0} ms", p.ctr_floor.p50).ok();
@@ -497,4 +507,87 @@ fn bars(path: &Path, title: &str, cats: &[String], series: &[(&str, Vec<f64>)], 
         .draw()?;
     root.present().with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Unix ms of a logrus `time="2006-01-02T15:04:05.999999999Z07:00"` field.
+fn log_time_ms(line: &str) -> Option<f64> {
+    let i = line.find("time=\"")? + 6;
+    let rest = &line[i..];
+    let ts = &rest[..rest.find('"')?];
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, dd) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    // The zone: Z or ±HH:MM after the seconds.
+    let zpos = time.find(['Z', '+', '-']).unwrap_or(time.len());
+    let (clock, zone) = time.split_at(zpos);
+    let mut c = clock.split(':');
+    let (hh, mm) = (c.next()?.parse::<f64>().ok()?, c.next()?.parse::<f64>().ok()?);
+    let ss = c.next()?.parse::<f64>().ok()?;
+    let offset_min = match zone.as_bytes().first() {
+        Some(b'+') | Some(b'-') => {
+            let sign = if zone.starts_with('-') { -1.0 } else { 1.0 };
+            let (h, m) = zone[1..].split_once(':')?;
+            sign * (h.parse::<f64>().ok()? * 60.0 + m.parse::<f64>().ok()?)
+        }
+        _ => 0.0,
+    };
+    // Days since 1970-01-01 (civil calendar).
+    let (y2, m2) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let doy = (153 * m2 + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(((days as f64 * 86400.0 + hh * 3600.0 + mm * 60.0 + ss) - offset_min * 60.0) * 1000.0)
+}
+
+/// A pod start cut at the points containerd's log shows: ctr started →
+/// containerd connected to the pod's new shim → the shim began the sandbox
+/// → sandbox ready (VM restored or booted, agent answered SetupSandbox) →
+/// ctr returned (container created and started in the guest, ctr exits).
+pub fn phases(s: &crate::pods::Split) -> Option<[f64; 4]> {
+    if s.ctr_start_unix_ms <= 0.0 {
+        return None;
+    }
+    let shim =
+        s.raw.iter().find(|l| l.contains("starting signal loop") || l.contains("shim")).and_then(|l| log_time_ms(l))?;
+    let ready_line = s.raw.iter().find(|l| l.contains("ready in "))?;
+    let ready = log_time_ms(ready_line)?;
+    let sb_start = ready - s.sandbox_ready_ms?;
+    let end = s.ctr_start_unix_ms + s.total_ms;
+    let p = [shim - s.ctr_start_unix_ms, sb_start - shim, ready - sb_start, end - ready];
+    p.iter().all(|x| *x > -50.0).then_some(p)
+}
+
+pub const PHASES: [&str; 4] = [
+    "ctr + containerd -> shim up",
+    "shim up -> sandbox begins",
+    "sandbox: VM + agent ready",
+    "container create/start + ctr exit",
+];
+
+/// p50 of each phase over a series' starts.
+pub fn phase_p50s(splits: &[crate::pods::Split]) -> Option<[f64; 4]> {
+    let all: Vec<[f64; 4]> = splits.iter().filter_map(phases).collect();
+    if all.is_empty() {
+        return None;
+    }
+    let mut out = [0.0; 4];
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = crate::stats::Summary::of(&all.iter().map(|p| p[k]).collect::<Vec<_>>()).p50;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logrus_times() {
+        let a = log_time_ms(r#"time="2024-03-01T10:00:00.250000000Z" level=info msg="x""#).unwrap();
+        let b = log_time_ms(r#"time="2024-03-01T11:00:01.000+01:00" level=info"#).unwrap();
+        assert_eq!(b - a, 750.0);
+        assert_eq!(log_time_ms(r#"time="1970-01-02T00:00:00Z""#), Some(86_400_000.0));
+    }
 }
