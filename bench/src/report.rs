@@ -191,10 +191,23 @@ fn targets(r: &Report) -> Vec<Target> {
                 reason: (mib > 8.0).then(|| {
                     let kinds: Vec<String> =
                         d.by_kind_kib.iter().map(|(k, v)| format!("{k} {:.1} MiB", v / 1024.0)).collect();
+                    let vmms: Vec<&crate::pods::ProcMem> = d.procs.iter().filter(|p| p.kind == "hull-vmm").collect();
+                    let cow = crate::stats::Summary::of(
+                        &vmms.iter().map(|p| p.template_anon_kib as f64 / 1024.0).collect::<Vec<_>>(),
+                    );
+                    let other = crate::stats::Summary::of(
+                        &vmms
+                            .iter()
+                            .map(|p| p.private_kib.saturating_sub(p.template_anon_kib) as f64 / 1024.0)
+                            .collect::<Vec<_>>(),
+                    );
                     format!(
-                        "PSS per sandbox by process: {}; hull-vmm private pages p50 {:.1} MiB (guest pages written since restore + the VMM's heap)",
+                        "PSS per sandbox by process: {}; hull-vmm private pages p50 {:.1} MiB = guest pages copied on \
+                         write since the restore p50 {:.1} MiB + the VMM's own (heap, stacks, buffers) p50 {:.1} MiB",
                         kinds.join(", "),
-                        d.vmm_private_kib.p50 / 1024.0
+                        d.vmm_private_kib.p50 / 1024.0,
+                        cow.p50,
+                        other.p50
                     )
                 }),
             });
