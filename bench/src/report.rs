@@ -86,6 +86,18 @@ fn targets(r: &Report) -> Vec<Target> {
                 if p.ctr_floor.n > 0 {
                     write!(m, " (of which ctr's own start + one call: {:.0} ms)", p.ctr_floor.p50).ok();
                 }
+                let cold_agent = p50_of(&p.cold.splits.iter().map(|x| x.agent_ready_ms).collect::<Vec<_>>());
+                if let (Some(c), Some(a)) = (cold_agent, agent) {
+                    write!(
+                        m,
+                        "; VM alone (monitor start -> agent ready): restore {a:.0} ms vs cold boot {c:.0} ms ({:.1}x) \
+                         vs QEMU {:.0} ms ({:.1}x)",
+                        c / a,
+                        p.qemu.summary.p50,
+                        p.qemu.summary.p50 / a
+                    )
+                    .ok();
+                }
                 if let Some(ph) = phase_p50s(&p.template.splits) {
                     let parts: Vec<String> = PHASES.iter().zip(ph).map(|(n, v)| format!("{n} {v:.0} ms")).collect();
                     write!(m, "; from containerd's log timestamps, p50: {}", parts.join(", ")).ok();
@@ -281,6 +293,20 @@ pub fn print_table(r: &Report) {
                 s.summary.p99,
                 cpu,
                 if s.errors.is_empty() { String::new() } else { format!("  ({} failed)", s.errors.len()) }
+            )
+            .ok();
+        }
+        // The VM alone, without containerd/ctr/shim: monitor start -> the agent's ready line.
+        let agent =
+            |s: &crate::pods::StartSeries| p50_of(&s.splits.iter().map(|x| x.agent_ready_ms).collect::<Vec<_>>());
+        if let (Some(c), Some(t)) = (agent(&p.cold), agent(&p.template)) {
+            writeln!(
+                out,
+                "  VM level (monitor start -> agent ready, p50): QEMU microvm {:.0} ms, hull-vmm cold boot {c:.0} ms, \
+                 hull-vmm restore {t:.0} ms ({:.1}x faster than cold boot, {:.1}x than QEMU)",
+                p.qemu.summary.p50,
+                c / t,
+                p.qemu.summary.p50 / t
             )
             .ok();
         }
