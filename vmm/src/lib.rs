@@ -5,7 +5,8 @@
 //! `device_manager` (placing devices on buses and the kernel command line),
 //! `builder` (assembling a VM from a config), `vmm` (a running VM),
 //! `controller` (the main loop), `api` (the control socket), `persist`
-//! (snapshots, and VMs restored from them). Every vCPU and device state is a
+//! (snapshots, and VMs restored from them), `seccomp` (a syscall filter per
+//! thread kind). Every vCPU and device state is a
 //! plain serializable struct.
 
 pub mod api;
@@ -16,5 +17,6 @@ pub mod controller;
 pub mod device_manager;
 pub mod devices;
 pub mod persist;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

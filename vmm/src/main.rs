@@ -10,6 +10,7 @@ use hull_vmm::config::{
 };
 use hull_vmm::controller::{Controller, Outcome};
 use hull_vmm::persist::RestoreConfig;
+use hull_vmm::seccomp::{self, ThreadKind};
 use hull_vmm::vmm::VmmEvent;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,7 +52,14 @@ struct Cli {
     /// (in order); kernel, memory and vCPUs come from the snapshot.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     restore: Option<PathBuf>,
+    /// seccomp filters per thread kind (docs/security.md): "on" or "off".
+    #[arg(long, default_value = SECCOMP_DEFAULT, value_parser = ["on", "off"])]
+    seccomp: String,
 }
+
+/// Whether filters are on unless --seccomp says otherwise. Off until the
+/// lab suites (hull-tests vmm, agent, shim) have passed with them on.
+const SECCOMP_DEFAULT: &str = "off";
 
 /// Log lines to stderr at the level named by RUST_LOG (error, warn, info,
 /// debug, trace; default warn): the shim keeps hull-vmm's stderr in its log.
@@ -76,11 +84,42 @@ fn init_log() {
     }
 }
 
+/// Blocks (`SIG_BLOCK`) or unblocks (`SIG_UNBLOCK`) SIGTERM and SIGINT for
+/// the calling thread (and threads it starts later).
+fn block_termination_signals(how: libc::c_int) {
+    // SAFETY: plain signal-mask calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 fn main() -> ExitCode {
     init_log();
     let cli = Cli::parse();
     if cli.kernel.is_none() && cli.restore.is_none() && cli.api_socket.is_none() {
         eprintln!("hull-vmm: give --kernel (boot now), --restore DIR or --api-socket (configure over the API)");
+        return ExitCode::FAILURE;
+    }
+    // SIGTERM and SIGINT go to the signal thread only (its handler's write
+    // is allowed there): every thread started from here on has them blocked.
+    block_termination_signals(libc::SIG_BLOCK);
+    // Filters are built before any thread exists; this thread (the
+    // controller) installs its own now, every other thread its own first
+    // thing (seccomp::spawn).
+    if let Err(e) = seccomp::init(cli.seccomp == "on") {
+        eprintln!("hull-vmm: {e} (`--seccomp off` runs without filters)");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = seccomp::try_apply(ThreadKind::Controller) {
+        eprintln!("hull-vmm: {e} (`--seccomp off` runs without filters)");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = seccomp::start_spawner() {
+        eprintln!("hull-vmm: starting the thread spawner: {e}");
         return ExitCode::FAILURE;
     }
     let listener = match &cli.api_socket {
@@ -98,17 +137,25 @@ fn main() -> ExitCode {
     let sig_tx = tx.clone();
     match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
         Ok(mut signals) => {
-            std::thread::spawn(move || {
+            let r = seccomp::spawn(ThreadKind::Signals, "signals", move || {
+                block_termination_signals(libc::SIG_UNBLOCK);
                 if let Some(s) = signals.forever().next() {
                     let _ = sig_tx.send(VmmEvent::Signal(s));
                 }
             });
+            if let Err(e) = r {
+                eprintln!("hull-vmm: cannot start the signal thread: {e}");
+                return ExitCode::FAILURE;
+            }
         }
         Err(e) => eprintln!("hull-vmm: cannot handle signals: {e}"),
     }
     if let Some(l) = listener {
         let tx = tx.clone();
-        std::thread::spawn(move || api::serve(l, tx));
+        if let Err(e) = seccomp::spawn(ThreadKind::Api, "api", move || api::serve(l, tx)) {
+            eprintln!("hull-vmm: cannot start the API thread: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     let console = match cli.console.as_str() {
         "stdout" => Console::Stdout,

@@ -96,7 +96,7 @@ pub(crate) fn spawn_reset_forwarder(
     stop: Arc<AtomicBool>,
     events: Sender<VmmEvent>,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("reset".into()).spawn(move || loop {
+    crate::seccomp::spawn(crate::seccomp::ThreadKind::Reset, "reset", move || loop {
         if evt.read().is_err() {
             return;
         }

@@ -29,7 +29,7 @@ pub fn serve(listener: UnixListener, events: Sender<VmmEvent>) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let events = events.clone();
-        let _ = std::thread::Builder::new().name("api-conn".into()).spawn(move || handle(conn, events));
+        let _ = crate::seccomp::spawn(crate::seccomp::ThreadKind::Api, "api-conn", move || handle(conn, events));
     }
 }
 

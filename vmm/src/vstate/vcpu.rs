@@ -225,10 +225,10 @@ impl Vcpu {
         let control = Arc::new(VcpuControl::new(if paused { RunState::Paused } else { RunState::Running }));
         let c = control.clone();
         let id = self.id;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || self.run_loop(c, on_exit))
-            .map_err(VcpuError::Spawn)?;
+        let thread = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vcpu, format!("vcpu{id}"), move || {
+            self.run_loop(c, on_exit)
+        })
+        .map_err(VcpuError::Spawn)?;
         Ok(VcpuHandle { id, control, thread: Some(thread) })
     }
 }

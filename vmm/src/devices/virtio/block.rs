@@ -26,7 +26,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use log::{debug, error, warn};
 use serde::{Deserialize, Serialize};
@@ -675,9 +675,9 @@ impl VirtioDevice for Block {
         let kill_evt = EventFd::new(EFD_NONBLOCK)?;
         let worker_kill = kill_evt.try_clone()?;
         let disk = self.disk.clone();
-        let handle = thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || run_worker(disk, mem, queue, queue_evt, worker_kill, interrupt))?;
+        let handle = crate::seccomp::spawn(crate::seccomp::ThreadKind::Block, "virtio-blk", move || {
+            run_worker(disk, mem, queue, queue_evt, worker_kill, interrupt)
+        })?;
         self.worker = Some(Worker { kill_evt, handle });
         Ok(())
     }
@@ -1261,7 +1261,7 @@ mod tests {
             match evt.read() {
                 Ok(n) => return n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(2))
+                    std::thread::sleep(Duration::from_millis(2))
                 }
                 Err(e) => panic!("no interrupt: {e}"),
             }

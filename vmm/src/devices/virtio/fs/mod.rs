@@ -614,7 +614,7 @@ impl VirtioDevice for Fs {
             sock_fd: self.frontend.as_ref().map_or(-1, |f| f.as_raw_fd()),
             socket: self.cfg.socket.clone(),
         };
-        let thread = match std::thread::Builder::new().name("virtio-fs".into()).spawn(move || relay.run()) {
+        let thread = match crate::seccomp::spawn(crate::seccomp::ThreadKind::Fs, "virtio-fs", move || relay.run()) {
             Ok(t) => t,
             Err(e) => {
                 self.stop_vrings();

@@ -252,7 +252,7 @@ impl Vsock {
             self.reset_requested.clone(),
             muxer,
         )?;
-        let thread = std::thread::Builder::new().name("vsock".into()).spawn(move || {
+        let thread = crate::seccomp::spawn(crate::seccomp::ThreadKind::Vsock, "vsock", move || {
             worker.run();
         })?;
         self.worker = Some(WorkerHandle { kill_evt, cmd_evt, thread });
