@@ -98,7 +98,7 @@ struct PodArgs {
     #[arg(long)]
     virtiofsd: Option<PathBuf>,
     /// Seconds each ctr command may take.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 180)]
     ctr_timeout: u64,
 }
 
@@ -279,6 +279,9 @@ fn run_pods(a: &RunArgs) -> Result<pods::PodsResult> {
         }
     }
     let st = child.wait()?;
+    if !st.success() {
+        eprintln!("hull-bench: the lab run ended with {st}: reporting what it measured before");
+    }
     match result {
         Some(mut r) => {
             r.host = "lab (TCG-emulated KVM host)".into();

@@ -304,14 +304,29 @@ impl Env {
             .context("running ctr")?;
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if !out.status.success() {
-            bail!("ctr run {id}: {} {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            let text = std::fs::read_to_string(&self.ctrd_log).unwrap_or_default();
+            let mine: Vec<&str> = text.lines().filter(|l| l.contains(id)).collect();
+            bail!(
+                "ctr run {id} after {ms:.0} ms: {} {}; containerd log for it (last 8):\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                mine[mine.len().saturating_sub(8)..].join("\n")
+            );
         }
         Ok(ms)
     }
 
     fn remove_pod(&self, id: &str) {
+        let t = Instant::now();
+        self.remove_pod_inner(id);
+        if t.elapsed() > Duration::from_secs(20) {
+            log(format!("  removing {id} took {:.0} s", t.elapsed().as_secs_f64()));
+        }
+    }
+
+    fn remove_pod_inner(&self, id: &str) {
         let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]).output();
-        for _ in 0..100 {
+        for _ in 0..30 {
             let out = self.ctr(&["task", "delete", "-f", id]).output();
             if out.map(|o| o.status.success()).unwrap_or(false) {
                 break;
@@ -462,6 +477,7 @@ impl Env {
             if r.template_supported { "hull template restore (ctr run -d)" } else { "hull (no template: cold boot)" };
         r.template = self.series(label, "tmpl", o.runs, r.idle_cpu_ms_per_s)?;
         r.cpu_one_start = Summary::of(&r.template.cpu_ms);
+        emit(&r);
 
         // --- N at once ---
         for &n in &o.concurrency {
@@ -474,6 +490,7 @@ impl Env {
                 b.wall_ms, b.summary.p50, b.summary.p99, b.failures
             ));
             r.bursts.push(b);
+            emit(&r);
         }
 
         // --- K idle sandboxes ---
@@ -618,6 +635,14 @@ fn number_after(s: &str, prefix: &str) -> Option<f64> {
     let rest = &s[i..];
     let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// Prints the results so far (the last such line wins: a run cut short
+/// still reports what it measured).
+fn emit(r: &PodsResult) {
+    if let Ok(j) = serde_json::to_string(r) {
+        println!("{JSON_MARK}{j}");
+    }
 }
 
 /// Busy CPU time of the whole machine so far (ms): /proc/stat's user, nice,
