@@ -80,7 +80,13 @@ impl Shim for HullShim {
         }
         let annotations = crate::spec::bundle_annotations(&self.bundle);
         let grouping = crate::pod::grouping(&opts.id, &annotations);
-        spawn(opts, &grouping, Vec::new()).await
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        // A restarted containerd finds its running shims through this file.
+        let file = self.bundle.join("address");
+        containerd_shim::asynchronous::util::write_str_to_file(&file, &address)
+            .await
+            .map_err(|e| other(format!("writing {}: {e}", file.display())))?;
+        Ok(address)
     }
 
     /// The `delete` command: cleanup after a shim that is gone.

@@ -17,7 +17,7 @@
 set -u
 : "${HULL_KERNEL:?}" "${HULL_INITRAMFS:?}" "${HULL_BIN_DIR:?}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod cri crash failures}"
+cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod cri crash faults failures}"
 tmo="${HULL_SHIM_TIMEOUT:-300}"
 work="$(mktemp -d /tmp/hull-shim-ctr.XXXXXX)"
 state=/run/hull-shim-test
@@ -61,7 +61,7 @@ state_dir = "$state"
 vcpus = 1
 mem_mib = 256
 disks_per_pod = ${DISKS:-4}
-disk_size_mib = 1024
+disk_size_mib = ${DISK_MIB:-1024}
 disk_pool_size = 4
 agent_ready_timeout_secs = ${2:-240}
 log_level = "debug"
@@ -403,6 +403,58 @@ if has crash; then
     "${CTR[@]}" task delete crash1 >/dev/null 2>&1
     "${CTR[@]}" container delete crash1
     check "crash: container deleted" 0 $?
+fi
+
+# --- faults: hull-vmm killed, a full writable layer, containerd restarted ---
+if has faults; then
+    # hull-vmm SIGKILLed under a running container: the task ends with an
+    # error status, containerd sees the exit, everything is cleaned up.
+    "${CTR[@]}" run -d "${RT[@]}" "$IMG" fault1 sleep 100000 </dev/null >/dev/null 2>&1
+    check "faults: detached run" 0 $?
+    kill -9 "$(pgrep -f "hull-vmm.*$state/fault1/" | head -n 1)"
+    wait_stopped fault1
+    check "faults: the task stops when hull-vmm is killed" 0 $?
+    i=0
+    until grep -q '/tasks/exit.*fault1' "$work/events.log" || [ "$i" -gt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    check "faults: containerd got the exit event" 1 "$(grep -c '/tasks/exit.*fault1' "$work/events.log")"
+    st="$("${CTR[@]}" task delete fault1 2>&1)"
+    echo "INFO ctr task delete after the VM died: $st"
+    "${CTR[@]}" container delete fault1
+    nothing_left "faults (hull-vmm killed)"
+
+    # A full writable layer: the container gets ENOSPC, the VM and host carry on.
+    DISK_MIB=64 write_config
+    "${CTR[@]}" run -d "${RT[@]}" "$IMG" fault2 sleep 100000 </dev/null >/dev/null 2>&1
+    out="$("${CTR[@]}" task exec --exec-id fill fault2 sh -c 'dd if=/dev/zero of=/big bs=1M count=100 2>&1; echo "rc=$?"' </dev/null 2>&1)"
+    check_contains "faults: ENOSPC inside the container" "No space left on device" "$out"
+    check_contains "faults: dd failed" "rc=1" "$out"
+    out="$("${CTR[@]}" task exec --exec-id after fault2 sh -c 'rm /big; echo ok > /small && cat /small' </dev/null 2>&1)"
+    check "faults: the container works after freeing space" "ok" "$out"
+    "${CTR[@]}" task kill -s SIGKILL fault2
+    wait_stopped fault2
+    "${CTR[@]}" task delete fault2 >/dev/null 2>&1
+    "${CTR[@]}" container delete fault2
+    write_config
+    nothing_left "faults (full disk)"
+
+    # containerd restarted while a pod runs: the shim keeps it, containerd reconnects.
+    "${CTR[@]}" run -d "${RT[@]}" "$IMG" fault3 sleep 100000 </dev/null >/dev/null 2>&1
+    kill "$HULL_CTRD_PID"
+    wait "$HULL_CTRD_PID" 2>/dev/null
+    check "faults: the VM outlives containerd" 1 "$(vmm_count "$state/fault3/")"
+    containerd --config "$HULL_CTRD_DIR/config.toml" >> "$HULL_CTRD_DIR/containerd.log" 2>&1 &
+    HULL_CTRD_PID=$!
+    i=0
+    until "${CTR[@]}" version >/dev/null 2>&1 || [ "$i" -gt 300 ]; do i=$((i + 1)); sleep 0.1; done
+    check "faults: containerd reconnects to the running task" RUNNING \
+        "$("${CTR[@]}" task ls 2>/dev/null | awk '$1 == "fault3" {print $3}')"
+    out="$("${CTR[@]}" task exec --exec-id e fault3 echo still-here </dev/null 2>&1)"
+    check "faults: exec after the restart" "still-here" "$out"
+    "${CTR[@]}" task kill -s SIGKILL fault3
+    wait_stopped fault3
+    "${CTR[@]}" task delete fault3 >/dev/null 2>&1
+    "${CTR[@]}" container delete fault3
+    nothing_left "faults (containerd restarted)"
 fi
 
 # --- failures: clear errors, nothing left behind --------------------------
