@@ -288,7 +288,7 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
     let mut vcpus = Vec::new();
     for s in &snap.vcpu_states {
         let v = Vcpu::new(vm.fd(), s.id, devices.pio.clone(), devices.mmio.clone())?;
-        v.configure_cpuid(vm.kvm(), snap.vcpus)?;
+        v.restore_cpuid(vm.kvm(), snap.vcpus, &s.cpuid)?;
         v.restore_state(s)?;
         vcpus.push(v);
     }

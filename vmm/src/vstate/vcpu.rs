@@ -6,8 +6,8 @@ use crate::arch::x86_64::regs;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemory;
 use kvm_bindings::{
-    kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
-    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -53,6 +53,11 @@ pub struct VcpuState {
     /// kvmclock, TSC, APIC base and the rest.
     #[serde(default)]
     pub msrs: Vec<(u32, u64)>,
+    /// The CPUID the guest saw (a restore sets exactly this: the guest
+    /// kernel chose its code paths by it; and it skips the slow
+    /// KVM_GET_SUPPORTED_CPUID).
+    #[serde(default)]
+    pub cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 pub struct Vcpu {
@@ -128,8 +133,24 @@ impl Vcpu {
         Ok(out)
     }
 
+    /// Sets the CPUID of a snapshot's vCPU; none saved (an older snapshot):
+    /// computed as for boot.
+    pub fn restore_cpuid(&self, kvm: &Kvm, num_cpus: u8, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+        if entries.is_empty() {
+            return self.configure_cpuid(kvm, num_cpus);
+        }
+        let cpuid = CpuId::from_entries(entries).map_err(|e| VcpuError::Boot(format!("CPUID: {e:?}"), self.id))?;
+        self.fd.set_cpuid2(&cpuid).map_err(self.kvm_err("KVM_SET_CPUID2"))
+    }
+
     pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         Ok(VcpuState {
+            cpuid: self
+                .fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(self.kvm_err("KVM_GET_CPUID2"))?
+                .as_slice()
+                .to_vec(),
             msrs: self.read_msrs(msr_indices)?,
             id: self.id,
             regs: self.fd.get_regs().map_err(self.kvm_err("KVM_GET_REGS"))?,
@@ -450,6 +471,12 @@ mod tests {
         vcpu2.restore_state(&back).unwrap();
         let s2 = vcpu2.save_state(&indices).unwrap();
         assert_eq!(s2.regs.rip, 0x1000000);
+        assert!(s.cpuid.iter().any(|e| e.function == 1 && e.ebx >> 24 == 0), "vCPU 0's CPUID saved");
+        // A restored vCPU gets the saved CPUID verbatim (here vCPU 0's APIC id).
+        let vcpu3 = Vcpu::new(vm.fd(), 2, Bus::new(), Bus::new()).unwrap();
+        vcpu3.restore_cpuid(vm.kvm(), 2, &s.cpuid).unwrap();
+        let s3 = vcpu3.save_state(&indices).unwrap();
+        assert_eq!(s3.cpuid.iter().find(|e| e.function == 1).unwrap().ebx >> 24, 0);
         assert_eq!(s2.msrs.len(), s.msrs.len());
     }
 
