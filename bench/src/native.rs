@@ -67,7 +67,7 @@ pub fn run(opts: &NativeOptions) -> Result<NativeResult> {
         ("irqchip", "TSS, irqchip, PIT create + PIT/clock/PIC/IOAPIC restore"),
         ("devices", "serial + i8042 (irqfd)"),
         ("vcpu_create", "KVM_CREATE_VCPU"),
-        ("cpuid", "KVM_GET_SUPPORTED_CPUID + KVM_SET_CPUID2"),
+        ("cpuid", "KVM_SET_CPUID2 (the snapshot's CPUID)"),
         ("vcpu_state", "restore regs/sregs/xcrs/xsave/LAPIC/MSRs/mp_state/events"),
         ("vcpu_threads", "start vCPU threads (paused)"),
         ("cgroup", "take a host cgroup"),
@@ -103,8 +103,8 @@ pub fn run(opts: &NativeOptions) -> Result<NativeResult> {
             vcpus.push(Vcpu::new(vm.fd(), s.id, devices.pio.clone(), devices.mmio.clone())?);
         }
         mark(5);
-        for v in &vcpus {
-            v.configure_cpuid(vm.kvm(), snap.vcpus)?;
+        for (v, s) in vcpus.iter().zip(&snap.vcpu_states) {
+            v.restore_cpuid(vm.kvm(), snap.vcpus, &s.cpuid)?;
         }
         mark(6);
         for (v, s) in vcpus.iter().zip(&snap.vcpu_states) {

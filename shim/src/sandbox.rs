@@ -458,7 +458,10 @@ impl Sandbox {
         partial.virtiofsd = Some(vfs);
         let vfs = partial.virtiofsd.as_ref().unwrap();
         let sock = paths.virtiofsd_socket();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Under a burst of pod starts virtiofsd can take long to come up:
+        // allow as long as the agent gets.
+        let wait = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs.max(10));
+        let deadline = tokio::time::Instant::now() + wait;
         while !sock.exists() {
             if let Some(st) = vfs.exit_status() {
                 return Err(format!(
@@ -467,7 +470,7 @@ impl Sandbox {
                 ));
             }
             if tokio::time::Instant::now() > deadline {
-                return Err("virtiofsd did not create its socket within 10s".into());
+                return Err(format!("virtiofsd did not create its socket within {}s", wait.as_secs()));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
