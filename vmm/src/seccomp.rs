@@ -125,6 +125,7 @@ mod kvm_ioctl {
     pub const KVM_GET_REGS: u64 = ioc(2, 0x81, size_of::<kvm_regs>());
     pub const KVM_GET_SREGS: u64 = ioc(2, 0x83, size_of::<kvm_sregs>());
     pub const KVM_GET_MSRS: u64 = ioc(3, 0x88, size_of::<kvm_msrs>());
+    pub const KVM_GET_CPUID2: u64 = ioc(3, 0x91, size_of::<kvm_cpuid2>());
     pub const KVM_GET_LAPIC: u64 = ioc(2, 0x8e, size_of::<kvm_lapic_state>());
     pub const KVM_GET_MP_STATE: u64 = ioc(2, 0x98, size_of::<kvm_mp_state>());
     pub const KVM_GET_VCPU_EVENTS: u64 = ioc(2, 0x9f, size_of::<kvm_vcpu_events>());
@@ -300,6 +301,7 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     KVM_GET_REGS,
                     KVM_GET_SREGS,
                     KVM_GET_MSRS,
+                    KVM_GET_CPUID2,
                     KVM_GET_LAPIC,
                     KVM_GET_MP_STATE,
                     KVM_GET_VCPU_EVENTS,

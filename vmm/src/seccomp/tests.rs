@@ -135,6 +135,7 @@ fn kvm_ioctl_numbers() {
     assert_eq!(KVM_GET_REGS, 0x8090_ae81);
     assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
     assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+    assert_eq!(KVM_GET_CPUID2, 0xc008_ae91);
     assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
     assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
     assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
