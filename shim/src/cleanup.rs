@@ -113,20 +113,25 @@ mod tests {
     /// A stand-in for hull-vmm or virtiofsd: its command line names the pod
     /// directory; `stubborn` ignores SIGTERM.
     fn fake(dir: &Path, stubborn: bool) -> std::process::Child {
-        let script =
-            if stubborn { "trap '' TERM; while :; do sleep 0.05; done" } else { "while :; do sleep 0.05; done" };
-        let c = Command::new("sh")
+        use std::io::Read;
+        // It says "ready" once its TERM disposition is in place: a SIGTERM
+        // sent before `trap` ran would kill even the stubborn one.
+        let script = if stubborn {
+            "trap '' TERM; echo ready; while :; do sleep 0.05; done"
+        } else {
+            "echo ready; while :; do sleep 0.05; done"
+        };
+        let mut c = Command::new("sh")
             .args(["-c", script, "fake"])
             .arg(dir.join("api.sock"))
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        // Until it has exec'd, the child's command line is the test binary's.
-        let t = Instant::now();
-        while !belongs_to(c.id() as i32, dir) {
-            assert!(t.elapsed() < Duration::from_secs(10), "stand-in did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let mut ready = [0u8; 6];
+        c.stdout.take().unwrap().read_exact(&mut ready).unwrap();
+        assert_eq!(&ready, b"ready\n");
+        assert!(belongs_to(c.id() as i32, dir), "stand-in's command line does not name the pod");
         c
     }
 
