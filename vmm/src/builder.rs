@@ -6,6 +6,7 @@ use crate::config::{Console, VmConfig};
 use crate::device_manager::DeviceManager;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::fs::{Fs, FsConfig};
+use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::GuestMemory;
 use crate::vmm::{spawn_reset_forwarder, Vmm, VmmEvent};
@@ -43,6 +44,11 @@ pub fn build_and_boot(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Vmm
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(VsockConfig { guest_cid: v.guest_cid, uds_path: v.uds_path.clone() })?;
         devices.add_virtio(vm.fd(), &mem, Box::new(vsock))?;
+    }
+    // Net devices last: the slots of the others do not depend on them.
+    for n in &config.net {
+        let net = Net::new(NetConfig { backend: n.backend.clone(), mac: n.mac_addr()? })?;
+        devices.add_virtio(vm.fd(), &mem, Box::new(net))?;
     }
 
     let mut cmdline = boot::cmdline(&config.cmdline)?;

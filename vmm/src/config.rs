@@ -3,6 +3,8 @@
 
 use crate::arch::x86_64::layout::{FIRST_VIRTIO_IRQ, LAST_IRQ};
 use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::devices::virtio::net::tap::valid_ifname;
+pub use crate::devices::virtio::net::{MacAddr, NetBackend};
 use crate::vstate::memory::MIN_MEM_MIB;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -32,6 +34,9 @@ pub struct VmConfig {
     pub fs: Vec<FsDeviceConfig>,
     #[serde(default)]
     pub vsock: Option<VsockDeviceConfig>,
+    /// virtio-net devices (eth0, eth1, ... in the guest, in this order).
+    #[serde(default)]
+    pub net: Vec<NetDeviceConfig>,
     #[serde(default)]
     pub console: Console,
 }
@@ -84,6 +89,77 @@ fn default_cid() -> u64 {
     DEFAULT_GUEST_CID
 }
 
+/// One virtio-net device. JSON: `{"backend": {"tap": "tap0"}, "mac":
+/// "02:00:00:00:00:01"}`, `{"backend": {"fd": 5}}` or `{"backend": "none"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetDeviceConfig {
+    pub backend: NetBackend,
+    /// The guest's MAC address (`02:00:00:00:00:01`); random if absent.
+    /// Kept as text so that validation can name a bad value.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl NetDeviceConfig {
+    /// The parsed MAC address (validate first).
+    pub fn mac_addr(&self) -> Result<Option<MacAddr>, ConfigError> {
+        match &self.mac {
+            None => Ok(None),
+            Some(m) => m.parse().map(Some).map_err(|e: crate::devices::virtio::net::MacError| ConfigError::BadValue {
+                what: "net mac",
+                value: m.clone(),
+                why: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Checks a list of net devices: MACs, tap names, descriptors, no two
+/// devices on one tap, descriptor or MAC.
+pub fn validate_net(nets: &[NetDeviceConfig]) -> Result<(), ConfigError> {
+    let mut macs = Vec::new();
+    for (i, n) in nets.iter().enumerate() {
+        if let Some(mac) = n.mac_addr()? {
+            if macs.contains(&mac) {
+                return Err(ConfigError::Bad {
+                    what: "net mac",
+                    value: mac.to_string(),
+                    why: "given to two net devices",
+                });
+            }
+            macs.push(mac);
+        }
+        match &n.backend {
+            NetBackend::Tap(name) if !valid_ifname(name) => {
+                return Err(ConfigError::Bad {
+                    what: "net tap",
+                    value: name.clone(),
+                    why: "an interface name is 1 to 15 bytes without '/', ':', whitespace or NUL",
+                })
+            }
+            NetBackend::Fd(fd) if *fd < 3 => {
+                return Err(ConfigError::Bad {
+                    what: "net fd",
+                    value: fd.to_string(),
+                    why: "must be an inherited descriptor above 2 (0-2 are stdio)",
+                })
+            }
+            NetBackend::None => {}
+            b => {
+                if nets[..i].iter().any(|o| &o.backend == b) {
+                    return Err(ConfigError::Bad {
+                        what: "net backend",
+                        value: b.to_string(),
+                        why: "given to two net devices",
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +186,8 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("{what} {value:?}: {why}")]
     Bad { what: &'static str, value: String, why: &'static str },
+    #[error("{what} {value:?}: {why}")]
+    BadValue { what: &'static str, value: String, why: String },
 }
 
 impl VmConfig {
@@ -123,6 +201,7 @@ impl VmConfig {
             disks: vec![],
             fs: vec![],
             vsock: None,
+            net: vec![],
             console: Console::Stdout,
         }
     }
@@ -147,7 +226,7 @@ impl VmConfig {
                 return Err(ConfigError::DiskMissing(d.path.clone()));
             }
         }
-        let n = self.disks.len() + self.fs.len() + usize::from(self.vsock.is_some());
+        let n = self.disks.len() + self.fs.len() + usize::from(self.vsock.is_some()) + self.net.len();
         if n > (LAST_IRQ - FIRST_VIRTIO_IRQ + 1) as usize {
             return Err(ConfigError::TooManyDevices(n));
         }
@@ -160,7 +239,7 @@ impl VmConfig {
                 });
             }
         }
-        Ok(())
+        validate_net(&self.net)
     }
 }
 
@@ -217,6 +296,41 @@ pub fn parse_fs(s: &str) -> Result<FsDeviceConfig, ConfigError> {
     Ok(f)
 }
 
+/// `tap=NAME[,mac=MAC]`, `fd=N[,mac=MAC]` or `none[,mac=MAC]`
+pub fn parse_net(s: &str) -> Result<NetDeviceConfig, ConfigError> {
+    let syntax = || ConfigError::Bad {
+        what: "--net",
+        value: s.into(),
+        why: "expected tap=NAME[,mac=MAC], fd=N[,mac=MAC] or none[,mac=MAC]",
+    };
+    let mut parts = s.split(',');
+    let backend = match parts.next().map(|p| p.split_once('=').unwrap_or((p, ""))) {
+        Some(("tap", name)) if !name.is_empty() => NetBackend::Tap(name.into()),
+        Some(("fd", n)) => NetBackend::Fd(n.parse().map_err(|_| ConfigError::Bad {
+            what: "--net fd",
+            value: n.into(),
+            why: "expected a descriptor number",
+        })?),
+        Some(("none", "")) => NetBackend::None,
+        _ => return Err(syntax()),
+    };
+    let mut n = NetDeviceConfig { backend, mac: None };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", v)) if n.mac.is_none() => n.mac = Some(v.into()),
+            _ => {
+                return Err(ConfigError::Bad {
+                    what: "--net option",
+                    value: opt.into(),
+                    why: "expected mac=MAC (once)",
+                })
+            }
+        }
+    }
+    validate_net(std::slice::from_ref(&n))?;
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +351,66 @@ mod tests {
         assert_eq!(parse_fs("/s.sock").unwrap().tag, DEFAULT_FS_TAG);
         assert_eq!(parse_fs("/s.sock,tag=layers").unwrap().tag, "layers");
         assert!(parse_fs("/s.sock,tag=").is_err());
+    }
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("tap=hull0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.backend, NetBackend::Tap("hull0".into()));
+        assert_eq!(n.mac_addr().unwrap(), Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        assert_eq!(parse_net("fd=7").unwrap(), NetDeviceConfig { backend: NetBackend::Fd(7), mac: None });
+        assert_eq!(parse_net("none,mac=0a:bB:cc:dd:ee:ff").unwrap().backend, NetBackend::None);
+        for (bad, says) in [
+            ("", "expected tap=NAME"),
+            ("tap=", "expected tap=NAME"),
+            ("eth0", "expected tap=NAME"),
+            ("none=1", "expected tap=NAME"),
+            ("fd=x", "\"x\": expected a descriptor number"),
+            ("fd=1", "inherited descriptor above 2"),
+            ("tap=a/b", "interface name"),
+            ("tap=0123456789abcdef", "interface name"),
+            ("tap=t0,mac=02:00:00:00:00", "\"02:00:00:00:00\": expected six hex bytes"),
+            ("tap=t0,mac=01:00:00:00:00:01", "multicast"),
+            ("tap=t0,mac=00:00:00:00:00:00", "all-zero"),
+            ("tap=t0,mac=02:00:00:00:00:0g", "six hex bytes"),
+            ("tap=t0,mtu=9000", "\"mtu=9000\": expected mac=MAC"),
+            ("tap=t0,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02", "expected mac=MAC (once)"),
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_devices_in_the_vm_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinux");
+        std::fs::write(&k, b"x").unwrap();
+        let json = format!(
+            r#"{{"kernel":"{}","net":[{{"backend":{{"tap":"t0"}},"mac":"02:00:00:00:00:01"}},
+                {{"backend":{{"fd":5}}}},{{"backend":"none"}}]}}"#,
+            k.display()
+        );
+        let mut c: VmConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(c.net.len(), 3);
+        assert_eq!(c.net[1].backend, NetBackend::Fd(5));
+        assert_eq!(c.net[2].backend, NetBackend::None);
+        c.validate().unwrap();
+        c.net[2].mac = Some("zz".into());
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "net mac \"zz\": expected six hex bytes separated by colons, like 02:00:00:00:00:01"
+        );
+        c.net[2].mac = Some("02:00:00:00:00:01".into());
+        assert!(c.validate().unwrap_err().to_string().contains("given to two net devices"));
+        c.net[2].mac = None;
+        c.net[2].backend = NetBackend::Tap("t0".into());
+        assert_eq!(c.validate().unwrap_err().to_string(), "net backend \"tap=t0\": given to two net devices");
+        let e =
+            serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","net":[{"backend":{"tap":"t"},"mtu":1}]}"#).unwrap_err();
+        assert!(e.to_string().contains("mtu"), "{e}");
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","net":[{"backend":"vde"}]}"#).unwrap_err();
+        assert!(e.to_string().contains("vde"), "{e}");
     }
 
     #[test]

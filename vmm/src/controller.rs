@@ -101,7 +101,7 @@ impl Controller {
                 VmmEvent::GuestReset => break Outcome::Clean("guest reset (i8042)".into()),
                 VmmEvent::Signal(s) => break Outcome::Clean(format!("signal {s}")),
                 VmmEvent::Api(req, reply) => {
-                    if let Some(outcome) = self.handle_api(req, &reply) {
+                    if let Some(outcome) = self.handle_api(*req, &reply) {
                         break outcome;
                     }
                 }

@@ -5,8 +5,8 @@
 use clap::Parser;
 use hull_vmm::api::{self, Response};
 use hull_vmm::config::{
-    parse_disk, parse_fs, Console, DiskConfig, FsDeviceConfig, VmConfig, VsockDeviceConfig, DEFAULT_CMDLINE,
-    DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
+    parse_disk, parse_fs, parse_net, Console, DiskConfig, FsDeviceConfig, NetDeviceConfig, VmConfig, VsockDeviceConfig,
+    DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
 use hull_vmm::controller::{Controller, Outcome};
 use hull_vmm::persist::RestoreConfig;
@@ -41,6 +41,11 @@ struct Cli {
     vsock_socket: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
     vsock_cid: u64,
+    /// virtio-net: tap=NAME (attach to or create tap NAME in hull-vmm's network namespace),
+    /// fd=N (an inherited descriptor already attached to a tap with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)
+    /// or none (no backend); each optionally with ,mac=02:XX:XX:XX:XX:XX (repeatable).
+    #[arg(long = "net", value_parser = |s: &str| parse_net(s).map_err(|e| e.to_string()))]
+    net: Vec<NetDeviceConfig>,
     /// Serial console: "stdout", "off" or a file path.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -48,7 +53,7 @@ struct Cli {
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Restore from this snapshot directory instead of booting: --disk,
-    /// --fs-socket and --vsock-socket then replace the snapshot's backends
+    /// --fs-socket, --vsock-socket and --net then replace the snapshot's backends
     /// (in order); kernel, memory and vCPUs come from the snapshot.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     restore: Option<PathBuf>,
@@ -168,6 +173,7 @@ fn main() -> ExitCode {
             disks: cli.disks,
             fs: cli.fs,
             vsock: cli.vsock_socket.map(|uds_path| VsockDeviceConfig { uds_path, guest_cid: cli.vsock_cid }),
+            net: cli.net,
             console,
         };
         if let Err(Response::Error(e)) = controller.restore(&rc) {
@@ -187,6 +193,7 @@ fn main() -> ExitCode {
             disks: cli.disks,
             fs: cli.fs,
             vsock: cli.vsock_socket.map(|uds_path| VsockDeviceConfig { uds_path, guest_cid: cli.vsock_cid }),
+            net: cli.net,
             console,
         };
         if let Err(e) = controller.boot(config) {

@@ -5,8 +5,8 @@
 //! clean pages.
 //!
 //! A restored VM gets its own backends: the snapshot's disks, virtiofsd
-//! sockets and vsock socket are replaced by the ones in [`RestoreConfig`],
-//! matched by kind and order. What the guest already knows about them must
+//! sockets, vsock socket and net backends are replaced by the ones in
+//! [`RestoreConfig`], matched by kind and order. What the guest already knows about them must
 //! not change (disk capacity, read-only flag, file system tag); the restore
 //! checks that and says which device differs.
 //!
@@ -15,12 +15,13 @@
 
 use crate::arch::x86_64::layout::ram_ranges;
 use crate::builder::{console_writer, start_vcpus};
-use crate::config::{Console, DiskConfig, FsDeviceConfig, VmConfig, VsockDeviceConfig};
+use crate::config::{validate_net, Console, DiskConfig, FsDeviceConfig, NetDeviceConfig, VmConfig, VsockDeviceConfig};
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::SerialState;
 use crate::devices::virtio::block::{Block, BlockConfig};
 use crate::devices::virtio::fs::{Fs, FsConfig};
 use crate::devices::virtio::mmio::MmioState;
+use crate::devices::virtio::net::{Net, NetBackend};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{DeviceState, VirtioDevice};
 use crate::vmm::{Vmm, VmmEvent};
@@ -78,6 +79,13 @@ pub struct RestoreConfig {
     /// Replaces the snapshot's vsock socket (the guest CID stays).
     #[serde(default)]
     pub vsock: Option<VsockDeviceConfig>,
+    /// Replaces the backends of the snapshot's net devices, in order (at
+    /// most as many). A net device without one here keeps its snapshot
+    /// backend if that was `none` or a tap name; one that had an inherited
+    /// descriptor needs a new one. A `mac` here must be the snapshot's:
+    /// the guest read its MAC when it booted.
+    #[serde(default)]
+    pub net: Vec<NetDeviceConfig>,
     #[serde(default)]
     pub console: Console,
 }
@@ -203,6 +211,7 @@ struct Overrides<'a> {
     disks: std::slice::Iter<'a, DiskConfig>,
     fs: std::slice::Iter<'a, FsDeviceConfig>,
     vsock: Option<&'a VsockDeviceConfig>,
+    net: std::slice::Iter<'a, NetDeviceConfig>,
 }
 
 fn make_device(slot: usize, snap: &DeviceState, o: &mut Overrides) -> Result<Box<dyn VirtioDevice>> {
@@ -250,6 +259,30 @@ fn make_device(slot: usize, snap: &DeviceState, o: &mut Overrides) -> Result<Box
             // template's connections.
             Box::new(Vsock::from_state(&state)?)
         }
+        DeviceState::Net(s) => {
+            let backend = match o.net.next() {
+                Some(n) => {
+                    if let Some(mac) = n.mac_addr()? {
+                        ensure!(
+                            mac == s.mac,
+                            "net device in slot {slot}: mac {mac} given, the snapshot's guest has {} (it read its \
+                             MAC at boot; change it inside the guest instead)",
+                            s.mac
+                        );
+                    }
+                    n.backend.clone()
+                }
+                None => match &s.backend {
+                    NetBackend::Fd(fd) => bail!(
+                        "the snapshot's net device in slot {slot} used inherited fd {fd}: give it a backend (--net)"
+                    ),
+                    b => b.clone(),
+                },
+            };
+            // Activation (now, or when the guest's driver gets there) sets
+            // the new tap's offloads for the features the guest accepted.
+            Box::new(Net::from_state(s, backend).with_context(|| format!("net device in slot {slot}"))?)
+        }
     })
 }
 
@@ -267,6 +300,13 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
     if rc.vsock.is_some() && !snap.devices.iter().any(|d| matches!(d.device, DeviceState::Vsock(_))) {
         bail!("a vsock socket was given but the snapshot has no vsock device");
     }
+    let n_net = snap.devices.iter().filter(|d| matches!(d.device, DeviceState::Net(_))).count();
+    ensure!(
+        rc.net.len() <= n_net,
+        "the snapshot has {n_net} net device(s), {} backends were given (a restore cannot add devices)",
+        rc.net.len()
+    );
+    validate_net(&rc.net)?;
     // The snapshot's RAM layout must be what this build lays out.
     ensure!(!ram_ranges(snap.mem_mib << 20).is_empty(), "snapshot memory size {} MiB", snap.mem_mib);
 
@@ -279,7 +319,7 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
     let mut devices = DeviceManager::new();
     let reset_evt = EventFd::new(0).context("eventfd")?;
     devices.add_legacy(vm.fd(), console_writer(&rc.console)?, reset_evt.try_clone()?, snap.serial.as_ref())?;
-    let mut o = Overrides { disks: rc.disks.iter(), fs: rc.fs.iter(), vsock: rc.vsock.as_ref() };
+    let mut o = Overrides { disks: rc.disks.iter(), fs: rc.fs.iter(), vsock: rc.vsock.as_ref(), net: rc.net.iter() };
     for (slot, d) in snap.devices.iter().enumerate() {
         let dev = make_device(slot, &d.device, &mut o)?;
         devices.add_virtio_restored(vm.fd(), &mem, dev, &d.transport).with_context(|| format!("virtio slot {slot}"))?;
@@ -304,6 +344,7 @@ pub fn restore(rc: &RestoreConfig, events: Sender<VmmEvent>) -> Result<Vmm> {
         disks: rc.disks.clone(),
         fs: rc.fs.clone(),
         vsock: rc.vsock.clone(),
+        net: rc.net.clone(),
         console: rc.console.clone(),
     };
     start_vcpus(vm, mem, mem_file, config, devices, vcpus, reset_evt, events)
@@ -330,6 +371,42 @@ mod tests {
     }
 
     #[test]
+    fn net_backends_on_restore() {
+        use crate::devices::virtio::net::{MacAddr, NetState, AVAIL_FEATURES};
+        let state = |backend| {
+            DeviceState::Net(NetState {
+                mac: MacAddr([2, 0, 0, 0, 0, 9]),
+                backend,
+                avail_features: AVAIL_FEATURES,
+                acked_features: AVAIL_FEATURES,
+            })
+        };
+        let make = |snap: &DeviceState, net: &[NetDeviceConfig]| {
+            let mut o = Overrides { disks: [].iter(), fs: [].iter(), vsock: None, net: net.iter() };
+            make_device(2, snap, &mut o).map(|d| d.snapshot_state())
+        };
+        // A template built without a backend restores without one.
+        let Some(DeviceState::Net(s)) = make(&state(NetBackend::None), &[]).unwrap() else { panic!() };
+        assert_eq!(
+            (s.backend, s.mac, s.acked_features),
+            (NetBackend::None, MacAddr([2, 0, 0, 0, 0, 9]), AVAIL_FEATURES)
+        );
+        // An inherited descriptor of the old process means nothing now.
+        let e = format!("{:#}", make(&state(NetBackend::Fd(7)), &[]).err().unwrap());
+        assert!(e.contains("slot 2 used inherited fd 7: give it a backend"), "{e}");
+        // The guest's MAC cannot change under it; the same one may be given.
+        let other = NetDeviceConfig { backend: NetBackend::None, mac: Some("02:00:00:00:00:01".into()) };
+        let e = format!("{:#}", make(&state(NetBackend::None), &[other]).err().unwrap());
+        assert!(e.contains("mac 02:00:00:00:00:01 given, the snapshot's guest has 02:00:00:00:00:09"), "{e}");
+        let same = NetDeviceConfig { backend: NetBackend::None, mac: Some("02:00:00:00:00:09".into()) };
+        assert!(make(&state(NetBackend::Fd(7)), &[same]).is_ok());
+        // A bad override names itself.
+        let bad = NetDeviceConfig { backend: NetBackend::Fd(987_654), mac: None };
+        let e = format!("{:#}", make(&state(NetBackend::None), &[bad]).err().unwrap());
+        assert!(e.contains("net device in slot 2") && e.contains("net fd 987654: not an open file descriptor"), "{e}");
+    }
+
+    #[test]
     fn bad_snapshots_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
         let e = load(dir.path()).unwrap_err().to_string();
@@ -342,6 +419,7 @@ mod tests {
             disks: vec![],
             fs: vec![],
             vsock: None,
+            net: vec![],
             console: Console::Off,
         };
         let e = format!("{:#}", restore(&rc, std::sync::mpsc::channel().0).err().unwrap());

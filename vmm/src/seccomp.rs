@@ -52,12 +52,14 @@ pub enum ThreadKind {
     Vsock,
     /// virtio-fs relay: copies requests between guest and shadow rings.
     Fs,
+    /// virtio-net worker: frames between guest buffers and the tap.
+    Net,
     /// Forwards the i8042 reset eventfd to the main loop.
     Reset,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Controller,
         ThreadKind::Api,
         ThreadKind::Signals,
@@ -65,6 +67,7 @@ impl ThreadKind {
         ThreadKind::Block,
         ThreadKind::Vsock,
         ThreadKind::Fs,
+        ThreadKind::Net,
         ThreadKind::Reset,
     ];
 
@@ -77,6 +80,7 @@ impl ThreadKind {
             ThreadKind::Block => "virtio-blk",
             ThreadKind::Vsock => "vsock",
             ThreadKind::Fs => "virtio-fs",
+            ThreadKind::Net => "virtio-net",
             ThreadKind::Reset => "reset",
         }
     }
@@ -131,6 +135,14 @@ mod kvm_ioctl {
     pub const KVM_GET_VCPU_EVENTS: u64 = ioc(2, 0x9f, size_of::<kvm_vcpu_events>());
     pub const KVM_GET_XSAVE: u64 = ioc(2, 0xa4, size_of::<kvm_xsave>());
     pub const KVM_GET_XCRS: u64 = ioc(2, 0xa6, size_of::<kvm_xcrs>());
+}
+
+/// tun ioctls (type 'T') the net device makes.
+mod tun_ioctl {
+    pub const TUNSETIFF: u64 = libc::TUNSETIFF;
+    pub const TUNGETIFF: u64 = libc::TUNGETIFF;
+    pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+    pub const TUNSETVNETHDRSZ: u64 = libc::TUNSETVNETHDRSZ;
 }
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
@@ -200,6 +212,9 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     SYS_write,
                     SYS_pread64,
                     SYS_pwrite64,
+                    // tap frames (the net worker's; see there)
+                    SYS_readv,
+                    SYS_writev,
                     SYS_openat,
                     SYS_lseek,
                     SYS_fstat,
@@ -255,6 +270,12 @@ pub fn rules(kind: ThreadKind) -> Rules {
             let ioctl = r.entry(SYS_ioctl).or_default();
             ioctl.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::MaskedEq(0xff00), 0xAE00)]).expect("rule"));
             ioctl.push(SeccompRule::new(vec![cond(1, SeccompCmpOp::Eq, FIONBIO)]).expect("rule"));
+            // Net devices: attach a tap by name or check an inherited one,
+            // header size, offloads (also on restore).
+            {
+                use tun_ioctl::*;
+                allow_args(&mut r, SYS_ioctl, 1, &[TUNSETIFF, TUNGETIFF, TUNSETVNETHDRSZ, TUNSETOFFLOAD]);
+            }
         }
         ThreadKind::Api => {
             // accept, read requests, write answers (send), clone the
@@ -309,6 +330,9 @@ pub fn rules(kind: ThreadKind) -> Rules {
                     KVM_GET_XCRS,
                     // vsock activation: its listener made non-blocking
                     FIONBIO,
+                    // net activation: the tap's offloads follow the
+                    // features the driver accepted
+                    tun_ioctl::TUNSETOFFLOAD,
                 ],
             );
         }
@@ -335,6 +359,22 @@ pub fn rules(kind: ThreadKind) -> Rules {
         }
         ThreadKind::Fs => {
             allow(&mut r, &[SYS_read, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_wait]);
+        }
+        ThreadKind::Net => {
+            allow(
+                &mut r,
+                &[
+                    // frames from and to the tap, straight into and out of
+                    // guest buffers
+                    SYS_readv,
+                    SYS_writev,
+                    // queue kick, kill and resume eventfds
+                    SYS_read,
+                    SYS_epoll_create1,
+                    SYS_epoll_ctl,
+                    SYS_epoll_wait,
+                ],
+            );
         }
         ThreadKind::Reset => {
             allow(&mut r, &[SYS_read]);

@@ -20,8 +20,9 @@ pub enum VmmEvent {
     Vcpu(u8, VcpuExitReason),
     /// The guest pulled the i8042 reset line.
     GuestReset,
-    /// A control API request and where to send its response.
-    Api(Request, Sender<Response>),
+    /// A control API request and where to send its response (boxed: a
+    /// configuration is much larger than the other events).
+    Api(Box<Request>, Sender<Response>),
     /// SIGTERM or SIGINT.
     Signal(i32),
 }
@@ -40,14 +41,18 @@ pub struct Vmm {
 }
 
 impl Vmm {
+    /// Stops the vCPUs, then the devices' own changes to guest memory
+    /// (e.g. frames arriving on a tap): a paused VM's memory holds still.
     pub fn pause(&mut self) {
         for v in &self.vcpus {
             v.pause();
         }
+        self.devices.pause_virtio();
         self.paused = true;
     }
 
     pub fn resume(&mut self) {
+        self.devices.resume_virtio();
         for v in &self.vcpus {
             v.resume();
         }

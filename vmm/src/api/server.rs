@@ -52,7 +52,7 @@ fn handle(conn: UnixStream, events: Sender<VmmEvent>) {
                 Err(e) => Response::error(ErrorKind::BadRequest, format!("not a valid request: {e}")),
                 Ok(req) => {
                     let (tx, rx) = channel();
-                    if events.send(VmmEvent::Api(req, tx)).is_err() {
+                    if events.send(VmmEvent::Api(Box::new(req), tx)).is_err() {
                         return;
                     }
                     match rx.recv() {

@@ -156,6 +156,21 @@ impl DeviceManager {
             .collect()
     }
 
+    /// Tells every virtio device the VM is paused: none changes guest
+    /// memory on its own until [`Self::resume_virtio`].
+    pub fn pause_virtio(&self) {
+        for s in &self.virtio {
+            s.transport.lock().unwrap_or_else(|p| p.into_inner()).device_mut().pause();
+        }
+    }
+
+    /// The VM runs again.
+    pub fn resume_virtio(&self) {
+        for s in &self.virtio {
+            s.transport.lock().unwrap_or_else(|p| p.into_inner()).device_mut().resume();
+        }
+    }
+
     pub fn serial_state(&self) -> Option<SerialState> {
         self.serial.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state())
     }

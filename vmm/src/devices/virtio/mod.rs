@@ -12,6 +12,7 @@
 pub mod block;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::io;
@@ -80,6 +81,7 @@ impl Interrupt {
 pub enum DeviceState {
     Block(block::BlockState),
     Fs(fs::FsState),
+    Net(net::NetState),
     Vsock(vsock::VsockState),
 }
 
@@ -124,6 +126,13 @@ pub trait VirtioDevice: Send {
     /// The VMM is exiting: stop worker threads, close backend connections and
     /// remove any socket files the device created.
     fn shutdown(&mut self) {}
+    /// The VM is paused (its vCPUs stopped, e.g. for a snapshot): stop
+    /// changing guest memory on the device's own initiative (frames
+    /// arriving from a backend) until [`Self::resume`]. When this returns,
+    /// no such change is in progress.
+    fn pause(&mut self) {}
+    /// The VM runs again after [`Self::pause`].
+    fn resume(&mut self) {}
     /// The device's state for a snapshot; None if it cannot be snapshotted.
     fn snapshot_state(&self) -> Option<DeviceState> {
         None
