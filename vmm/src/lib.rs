@@ -6,7 +6,7 @@
 //! `builder` (assembling a VM from a config), `vmm` (a running VM),
 //! `controller` (the main loop), `api` (the control socket), `persist`
 //! (snapshots, and VMs restored from them), `seccomp` (a syscall filter per
-//! thread kind). Every vCPU and device state is a
+//! thread kind), `jail` (namespaces, chroot and an unprivileged uid). Every vCPU and device state is a
 //! plain serializable struct.
 
 pub mod api;
@@ -16,6 +16,7 @@ pub mod config;
 pub mod controller;
 pub mod device_manager;
 pub mod devices;
+pub mod jail;
 pub mod persist;
 pub mod seccomp;
 pub mod vmm;

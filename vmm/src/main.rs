@@ -9,10 +9,11 @@ use hull_vmm::config::{
     DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
 use hull_vmm::controller::{Controller, Outcome};
+use hull_vmm::jail::{self, Jail};
 use hull_vmm::persist::RestoreConfig;
 use hull_vmm::seccomp::{self, ThreadKind};
 use hull_vmm::vmm::VmmEvent;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -57,6 +58,10 @@ struct Cli {
     /// (in order); kernel, memory and vCPUs come from the snapshot.
     #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
     restore: Option<PathBuf>,
+    /// Confine hull-vmm before it starts the VM: DIR,uid=U,gid=G (see
+    /// docs/security.md). Files it creates (sockets, console) must be under DIR.
+    #[arg(long, value_parser = |s: &str| jail::parse_jail(s))]
+    jail: Option<jail::JailConfig>,
     /// seccomp filters per thread kind (docs/security.md): "on" or "off".
     #[arg(long, default_value = SECCOMP_DEFAULT, value_parser = ["on", "off"])]
     seccomp: String,
@@ -102,11 +107,44 @@ fn block_termination_signals(how: libc::c_int) {
     }
 }
 
+/// Enters the jail (--jail) and rewrites every path to the one the jailed
+/// VMM sees. Runs before any thread exists.
+fn confine(cli: &mut Cli) -> Result<(), String> {
+    let Some(cfg) = cli.jail.clone() else { return Ok(()) };
+    let mut j = Jail::begin(cfg)?;
+    if let Some(k) = &mut cli.kernel {
+        *k = j.place(k, "kernel", true)?;
+    }
+    if let Some(i) = &mut cli.initrd {
+        *i = j.place(i, "initrd", true)?;
+    }
+    if let Some(r) = &mut cli.restore {
+        *r = j.place(r, "snapshot", true)?;
+    }
+    for (n, d) in cli.disks.iter_mut().enumerate() {
+        d.path = j.place(&d.path, &format!("disk{n}"), d.read_only)?;
+    }
+    for (n, f) in cli.fs.iter_mut().enumerate() {
+        f.socket = j.place(&f.socket, &format!("fs{n}.sock"), false)?;
+    }
+    for p in [&mut cli.vsock_socket, &mut cli.api_socket].into_iter().flatten() {
+        *p = j.inside(p)?;
+    }
+    if !matches!(cli.console.as_str(), "stdout" | "off") {
+        cli.console = j.inside(Path::new(&cli.console))?.to_string_lossy().into_owned();
+    }
+    j.enter()
+}
+
 fn main() -> ExitCode {
     init_log();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if cli.kernel.is_none() && cli.restore.is_none() && cli.api_socket.is_none() {
         eprintln!("hull-vmm: give --kernel (boot now), --restore DIR or --api-socket (configure over the API)");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = confine(&mut cli) {
+        eprintln!("hull-vmm: {e}");
         return ExitCode::FAILURE;
     }
     // SIGTERM and SIGINT go to the signal thread only (its handler's write
