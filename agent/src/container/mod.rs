@@ -74,7 +74,8 @@
 mod cgroup_pool;
 mod reaper;
 mod rootfs;
-mod runtime;
+// pub(crate): the fuzz targets (fuzz/) check the bundle spec built from a host spec.
+pub(crate) mod runtime;
 mod stats;
 #[cfg(test)]
 mod tests;

@@ -6,8 +6,10 @@
 //! [`serve`] is the agent's main loop: bind, start, announce readiness,
 //! serve forever.
 
-mod sandbox;
-mod service;
+// pub(crate): the fuzz targets (fuzz/, which compiles the agent's modules
+// in) drive the service and the sandbox plan directly.
+pub(crate) mod sandbox;
+pub(crate) mod service;
 #[cfg(test)]
 mod tests;
 

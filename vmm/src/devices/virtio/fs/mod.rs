@@ -80,6 +80,9 @@ use super::{ActivateArgs, ActivateError, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION
 use relay::{Control, Relay, RelayQueue, Shared};
 use shadow::ShadowRing;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use relay::fuzzing;
 pub use relay::{MAX_CHAIN_DESCS, MAX_REQUEST_BYTES};
 pub use shadow::{HIPRIO_ARENA_BYTES, REQUEST_ARENA_BYTES};
 

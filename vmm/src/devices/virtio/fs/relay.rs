@@ -24,6 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::{GuestMemory, Interrupt};
 use super::shadow::{InFlight, Seg, ShadowRing};
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 /// Largest request (device-readable + device-writable bytes) relayed.
 ///
 /// The Linux driver caps a request's pages at `min(FUSE_MAX_MAX_PAGES = 256,

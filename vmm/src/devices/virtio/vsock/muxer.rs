@@ -126,7 +126,7 @@ impl Muxer {
         self.listener
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn num_connections(&self) -> usize {
         self.conns.len()
     }

@@ -282,7 +282,7 @@ impl Worker {
         used
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
     }
