@@ -24,6 +24,26 @@ pub const MAX_DISKS_PER_POD: u32 = 17;
 pub struct Config {
     pub paths: Paths,
     pub defaults: Defaults,
+    pub jailer: Jailer,
+}
+
+/// How each pod's hull-vmm is confined (see `crate::jail`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Jailer {
+    /// Start hull-vmm jailed (namespaces, pivot_root, a uid of its own).
+    pub enabled: bool,
+    /// Pods get uids uid_base + 1 ..= uid_base + uid_count.
+    pub uid_base: u32,
+    pub uid_count: u32,
+    /// The group of every jailed hull-vmm (templates are readable by it).
+    pub gid: u32,
+}
+
+impl Default for Jailer {
+    fn default() -> Self {
+        Jailer { enabled: true, uid_base: 3_000_000, uid_count: 65_536, gid: 3_000_000 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -166,6 +186,16 @@ impl Config {
         }
         if !LOG_LEVELS.contains(&d.log_level.as_str()) {
             return Err(format!("defaults.log_level = {:?}: expected one of {}", d.log_level, LOG_LEVELS.join(", ")));
+        }
+        let j = &self.jailer;
+        if j.uid_base == 0 || j.gid == 0 {
+            return Err("jailer.uid_base and jailer.gid must not be 0 (root)".into());
+        }
+        if j.uid_count == 0 || j.uid_base.checked_add(j.uid_count).is_none() {
+            return Err(format!(
+                "jailer.uid_count = {}: must be at least 1, with uid_base + uid_count below 2^32",
+                j.uid_count
+            ));
         }
         let cg = &self.paths.cgroup_parent;
         if cg.is_empty() || cg.starts_with('/') || cg.split('/').any(|c| c.is_empty() || c == "." || c == "..") {

@@ -7,6 +7,7 @@ pub mod cleanup;
 pub mod config;
 pub mod diskpool;
 pub mod io;
+pub mod jail;
 pub mod mounts;
 pub mod pod;
 pub mod rootfs;

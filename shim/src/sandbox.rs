@@ -37,7 +37,9 @@ pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest unix socket path (sun_path, NUL included).
 const MAX_SOCKET_PATH: usize = 107;
 
-/// The files of `<state_dir>/<sandbox id>/`.
+/// The files of `<state_dir>/<sandbox id>/`. Everything hull-vmm uses or
+/// makes is under `vm/`, the root of its jail (see [`crate::jail`]); the
+/// shared directory, virtiofsd's socket, logs and pid files are not.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
     pub dir: PathBuf,
@@ -50,23 +52,27 @@ impl SandboxPaths {
     pub fn shared(&self) -> PathBuf {
         self.dir.join("shared")
     }
+    /// hull-vmm's jail root.
+    pub fn vm(&self) -> PathBuf {
+        self.dir.join("vm")
+    }
     pub fn disks(&self) -> PathBuf {
-        self.dir.join("disks")
+        self.vm().join("disks")
     }
     pub fn vsock(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.vm().join("vsock.sock")
     }
     pub fn notify_socket(&self) -> PathBuf {
-        self.dir.join(format!("vsock.sock_{NOTIFY_PORT}"))
+        self.vm().join(format!("vsock.sock_{NOTIFY_PORT}"))
     }
     pub fn api(&self) -> PathBuf {
-        self.dir.join("api.sock")
+        self.vm().join("api.sock")
     }
     pub fn virtiofsd_socket(&self) -> PathBuf {
         self.dir.join("virtiofsd.sock")
     }
     pub fn console(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.vm().join("console.log")
     }
     pub fn log(&self, what: &str) -> PathBuf {
         self.dir.join(format!("{what}.log"))
@@ -231,8 +237,12 @@ async fn remove_cgroup(cg: Option<PodCgroup>) {
 /// the `delete` command's cleanup.
 pub const K8S_CGROUP_FILE: &str = "k8s-cgroup";
 
-/// Unmounts everything under a pod's state directory and removes it.
+/// Releases a pod's jail uid, unmounts everything under its state
+/// directory and removes it.
 pub fn remove_state_dir(dir: &Path) {
+    if let Some(done) = crate::jail::release(dir) {
+        info!("{}: {done}", dir.display());
+    }
     if let Err(e) = mounts::unmount_all_under(dir) {
         error!("{}: {e}", dir.display());
     }
@@ -397,9 +407,18 @@ impl Sandbox {
         let paths = partial.paths.clone();
         let t0 = std::time::Instant::now();
         write_pid(&paths.pid_file("shim"), std::process::id())?;
-        for d in [paths.shared(), paths.disks()] {
+        for d in [paths.shared(), paths.vm(), paths.disks()] {
             fs::create_dir(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
         }
+        let jail = match cfg.jailer.enabled {
+            true => {
+                let ids = crate::jail::claim(cfg, &spec.id, &paths.dir)?;
+                ids.give(&paths.vm())?;
+                ids.give(&paths.disks())?;
+                Some(ids)
+            }
+            false => None,
+        };
         mounts::mount_shared_root(&paths.shared())?;
 
         // Writable-layer disks: renames out of the pool, formatting only if it is empty.
@@ -414,6 +433,9 @@ impl Sandbox {
                 let taken = tokio::task::spawn_blocking(move || p.take(&img)).await.map_err(|e| e.to_string())??;
                 if taken == Taken::MadeNow {
                     made += 1;
+                }
+                if let Some(j) = &jail {
+                    j.give(&paths.disk_image(&SandboxPaths::disk_serial(slot)))?;
                 }
             }
             if made > 0 {
@@ -474,6 +496,9 @@ impl Sandbox {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        if let Some(j) = &jail {
+            j.give(&sock)?;
+        }
 
         // A template to restore (built on first use), or a cold boot.
         let snapshot = if cfg.defaults.template {
@@ -495,10 +520,14 @@ impl Sandbox {
         // A booting agent connects to host port 1023 once it serves: listen first.
         let mut notify = match snapshot {
             Some(_) => None,
-            None => Some(
-                tokio::net::UnixListener::bind(paths.notify_socket())
-                    .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?,
-            ),
+            None => {
+                let l = tokio::net::UnixListener::bind(paths.notify_socket())
+                    .map_err(|e| format!("listen on {}: {e}", paths.notify_socket().display()))?;
+                if let Some(j) = &jail {
+                    j.give(&paths.notify_socket())?;
+                }
+                Some(l)
+            }
         };
 
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
@@ -508,6 +537,9 @@ impl Sandbox {
             None => VmBoot::Cold { vcpus: r.vcpus, mem_mib: r.mem_mib },
         };
         cmd.args(vmm_args(cfg, &paths, boot, slots));
+        if let Some(j) = &jail {
+            cmd.arg("--jail").arg(j.arg(&paths.vm()));
+        }
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
         write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
@@ -738,14 +770,14 @@ mod tests {
         );
         assert_eq!(cold[10..], restored[2..], "same devices in the same order");
         assert_eq!(cold.iter().filter(|a| *a == "--disk").count(), 3);
-        assert!(cold.contains(&"/run/hull/sb/disks/hullrw2.img,id=hullrw2".to_string()));
+        assert!(cold.contains(&"/run/hull/sb/vm/disks/hullrw2.img,id=hullrw2".to_string()));
     }
 
     #[test]
     fn paths() {
         let p = SandboxPaths::new("/run/hull/sb".into());
-        assert_eq!(p.notify_socket(), Path::new("/run/hull/sb/vsock.sock_1023"));
-        assert_eq!(p.disk_image(&SandboxPaths::disk_serial(2)), Path::new("/run/hull/sb/disks/hullrw2.img"));
+        assert_eq!(p.notify_socket(), Path::new("/run/hull/sb/vm/vsock.sock_1023"));
+        assert_eq!(p.disk_image(&SandboxPaths::disk_serial(2)), Path::new("/run/hull/sb/vm/disks/hullrw2.img"));
         hull_agent_api::validate::check_disk_serial(&SandboxPaths::disk_serial(16)).unwrap();
         assert!(CMDLINE.contains("hull.notify_port=1023"));
     }

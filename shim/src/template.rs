@@ -91,7 +91,8 @@ pub fn ensure(cfg: &Config, shape: Shape) -> Result<PathBuf, String> {
     }
     let t = Instant::now();
     let build = dir.join(format!("{k}.build-{}", std::process::id()));
-    let r = build_in(cfg, shape, &build);
+    // Jailed VMMs (uid of their own, group jailer.gid) map it read-only.
+    let r = build_in(cfg, shape, &build).and_then(|()| crate::jail::share_template(&build.join("snap"), &cfg.jailer));
     let result = r.and_then(|()| {
         fs::rename(build.join("snap"), &snap).map_err(|e| format!("rename the template into {}: {e}", snap.display()))
     });

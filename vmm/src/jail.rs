@@ -11,13 +11,13 @@
 //! 3. Every file the VMM opens is made visible under DIR: paths already
 //!    under DIR are used as they are, others (kernel, initramfs, snapshot,
 //!    virtiofsd sockets, disks kept elsewhere) are bind-mounted at fixed
-//!    names, read-only where the VMM only reads. /dev/kvm is bind-mounted
-//!    at DIR/dev/kvm. Files the VMM creates (API and vsock sockets, the
-//!    console file) must be under DIR.
+//!    names, read-only where the VMM only reads. /dev/kvm is opened now and
+//!    its fd kept for the VM. Files the VMM creates (API and vsock sockets,
+//!    the console file) must be under DIR.
 //! 4. pivot_root into DIR and detach the old root: nothing else of the
 //!    host's file system is reachable.
-//! 5. Drop to uid U, gid G (supplementary group: /dev/kvm's group only),
-//!    which also drops every capability; no_new_privs; rlimits.
+//! 5. Drop to uid U, gid G (no supplementary groups), which also drops
+//!    every capability; no_new_privs; rlimits.
 //!
 //! The caller (the shim) owns DIR: it makes it, chowns it and the files
 //! the VMM writes to U, and removes it afterwards.
@@ -27,7 +27,6 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{chdir, fork, pivot_root, setgroups, setresgid, setresuid, ForkResult, Gid, Pid, Uid};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Upper bounds for the jailed VMM: it opens a few dozen fds and starts a
@@ -169,12 +168,14 @@ impl Jail {
     /// Steps 4 and 5.
     pub fn enter(self) -> Result<(), String> {
         let root = &self.cfg.root;
-        let dev = root.join("dev");
-        std::fs::create_dir_all(&dev).map_err(|e| format!("jail: create {}: {e}", dev.display()))?;
-        let kvm = dev.join("kvm");
-        std::fs::File::create(&kvm).map_err(|e| format!("jail: create {}: {e}", kvm.display()))?;
-        bind(Path::new("/dev/kvm"), &kvm, false)?;
-        let kvm_gid = std::fs::metadata("/dev/kvm").map_err(|e| format!("jail: /dev/kvm: {e}"))?.gid();
+        // /dev/kvm is opened now and kept: the jail has no device nodes
+        // (its file system may well be nodev) and the uid need not own it.
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| format!("jail: opening /dev/kvm: {e} (see `hull check`)"))?;
+        crate::vstate::vm::preopen_kvm(kvm.into());
 
         chdir(root).map_err(|e| format!("jail: chdir {}: {e}", root.display()))?;
         // The old root is stacked under the new one, then detached.
@@ -192,7 +193,7 @@ impl Jail {
             }
         }
         let (uid, gid) = (Uid::from_raw(self.cfg.uid), Gid::from_raw(self.cfg.gid));
-        setgroups(&[Gid::from_raw(kvm_gid)]).map_err(|e| format!("jail: setgroups: {e}"))?;
+        setgroups(&[]).map_err(|e| format!("jail: setgroups: {e}"))?;
         setresgid(gid, gid, gid).map_err(|e| format!("jail: setresgid {gid}: {e}"))?;
         // From root to a non-root uid without keepcaps: every capability goes.
         setresuid(uid, uid, uid).map_err(|e| format!("jail: setresuid {uid}: {e}"))?;

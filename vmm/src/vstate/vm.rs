@@ -39,9 +39,28 @@ pub struct Vm {
     fd: VmFd,
 }
 
+/// /dev/kvm opened before the process gave up the right to open it (the
+/// jail), taken by the first VM.
+static PREOPENED_KVM: std::sync::Mutex<Option<std::os::fd::OwnedFd>> = std::sync::Mutex::new(None);
+
+/// Hands an open /dev/kvm to the next [`Vm::new`].
+pub fn preopen_kvm(fd: std::os::fd::OwnedFd) {
+    *PREOPENED_KVM.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+}
+
+fn open_kvm() -> Result<Kvm, VmError> {
+    match PREOPENED_KVM.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // SAFETY: the fd is an open /dev/kvm that nothing else owns.
+        Some(fd) => {
+            Ok(unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) })
+        }
+        None => Kvm::new().map_err(VmError::OpenKvm),
+    }
+}
+
 impl Vm {
     pub fn new() -> Result<Vm, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let kvm = open_kvm()?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         Ok(Vm { kvm, fd })
     }
