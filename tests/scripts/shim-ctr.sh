@@ -10,14 +10,15 @@
 #       --env HULL_BIN_DIR=$HULL_BIN_DIR -- tests/scripts/shim-ctr.sh
 #
 # Set HULL_SHIM_CASES to a space-separated subset of: basic stdio exec tty
-# signal oom pod cri crash failures (default: all); HULL_SHIM_TIMEOUT bounds each ctr
+# signal oom pod cri crash faults leaks failures (default: all; HULL_LEAK_CYCLES
+# sets the leak case's cycles, default 100); HULL_SHIM_TIMEOUT bounds each ctr
 # command and each CRI call (seconds, default 300). The cri case drives
 # containerd's CRI plugin with hull-cri (tests/src/bin/hull-cri.rs) and a
 # locally built pause image (HULL_PAUSE_IMAGE, see containerd-env.sh).
 set -u
 : "${HULL_KERNEL:?}" "${HULL_INITRAMFS:?}" "${HULL_BIN_DIR:?}"
 root="$(cd "$(dirname "$0")/../.." && pwd)"
-cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod cri crash faults failures}"
+cases="${HULL_SHIM_CASES:-basic stdio exec tty signal oom pod cri crash faults leaks failures}"
 tmo="${HULL_SHIM_TIMEOUT:-300}"
 work="$(mktemp -d /tmp/hull-shim-ctr.XXXXXX)"
 state=/run/hull-shim-test
@@ -80,6 +81,16 @@ TTY_CTR="timeout --foreground -s KILL $tmo ctr --address $HULL_CTRD_DIR/containe
 dump_logs() {
     echo "--- containerd log (shim lines, last 80) ---" >&2
     grep -a -i 'hull\|shim' "$HULL_CTRD_DIR/containerd.log" | tail -n 80 >&2
+    pod_logs
+}
+# pod_logs: the last lines of every live pod's logs (hull-vmm, virtiofsd, guest console).
+pod_logs() {
+    local f
+    for f in "$state"/*/*.log "$state"/*/vm/*.log; do
+        [ -f "$f" ] || continue
+        echo "--- $f (last 40) ---" >&2
+        tail -n 40 "$f" >&2
+    done
 }
 finish() {
     [ "$fails" -gt 0 ] && dump_logs
@@ -116,6 +127,8 @@ run_rm() {
     shift
     "${CTR[@]}" run --rm "${RT[@]}" "$IMG" "$id" "$@" </dev/null >"$work/$id.out" 2>"$work/$id.err"
     RC=$?
+    # Killed by the timeout: show what the pod was doing while it is still there.
+    [ "$RC" = 137 ] && { echo "--- $id: ctr run timed out ---" >&2; pod_logs; }
     OUT="$(cat "$work/$id.out")"
     ERR="$(cat "$work/$id.err")"
 }
@@ -130,8 +143,16 @@ wait_stopped() {
     done
 }
 
-# vmm_count [PATTERN]: hull-vmm processes (whose command line matches PATTERN).
-vmm_count() { pgrep -f "hull-vmm.*${1:-}" | wc -l; }
+# vmm_count [PATTERN]: hull-vmm processes (whose command line matches
+# PATTERN), a jailed one counted once (its PID namespace's parent, not the
+# VMM inside).
+vmm_count() {
+    local n=0 p
+    for p in $(pgrep -f "hull-vmm.*${1:-}"); do
+        [ "$(ps -o comm= -p "$(ps -o ppid= -p "$p" | tr -d ' ')" 2>/dev/null)" = hull-vmm ] || n=$((n + 1))
+    done
+    echo "$n"
+}
 
 # nothing_left WHAT: no hull-vmm, virtiofsd or pod directories, no mounts under the state dir.
 nothing_left() {
@@ -143,8 +164,9 @@ nothing_left() {
     done
     check "$1: no hull-vmm left" 0 "$(vmm_count)"
     check "$1: no virtiofsd left" 0 "$(pgrep -x virtiofsd | wc -l)"
-    check "$1: only the disk pool and templates in the state dir" "diskpool templates" \
-        "$(ls "$state" 2>/dev/null | grep -v '^templates$' | tr '\n' ' ' | sed 's/ $//') templates"
+    check "$1: only the disk pool, templates and jail uid claims in the state dir" "diskpool templates" \
+        "$(ls "$state" 2>/dev/null | grep -v '^templates$\|^jail-uids$' | tr '\n' ' ' | sed 's/ $//') templates"
+    check "$1: no jail uid claimed" 0 "$(ls "$state/jail-uids" 2>/dev/null | wc -l)"
     check "$1: no template build left behind" 0 "$(ls "$state/templates" 2>/dev/null | grep -c '\.build-')"
     check "$1: no mounts under the state dir" 0 "$(grep -c " $state/" /proc/self/mountinfo)"
     check "$1: no process left in hull's host cgroups" 0 "$(find /sys/fs/cgroup/hull -name cgroup.procs -exec cat {} + 2>/dev/null | wc -l)"
@@ -168,6 +190,29 @@ if has basic; then
     echo "INFO ctr run --rm (restore, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
     check "basic: second run from the template" "again" "$OUT"
     check "basic: the template was restored, not booted" 1 "$(grep -ac 'restored from the template' "$HULL_CTRD_DIR/containerd.log" | awk '{print ($1 >= 1)}')"
+    # The pod's hull-vmm is jailed: PID 1 of its own PID namespace, an
+    # unprivileged uid with no capabilities, its root the pod's vm/ directory.
+    "${CTR[@]}" run -d "${RT[@]}" "$IMG" jail1 sleep 100000 </dev/null >/dev/null 2>&1
+    vmm=""
+    for p in $(pgrep -f "hull-vmm.*$state/jail1/"); do
+        [ "$(ps -o comm= -p "$(ps -o ppid= -p "$p" | tr -d ' ')")" = hull-vmm ] && vmm=$p
+    done
+    check "jail: the VMM runs inside the jail's PID namespace" 1 "$(awk '/^NSpid:/ {print $NF}' "/proc/$vmm/status" 2>/dev/null)"
+    uid="$(awk '/^Uid:/ {print $2}' "/proc/$vmm/status" 2>/dev/null)"
+    check "jail: the VMM's uid is the pod's claim" "$uid" "$(cat "$state/jail1/jail-uid" 2>/dev/null)"
+    check "jail: the VMM is not root" 1 "$([ -n "$uid" ] && [ "$uid" -ne 0 ] && echo 1)"
+    check "jail: no capabilities" 0000000000000000 "$(awk '/^CapEff:/ {print $2}' "/proc/$vmm/status" 2>/dev/null)"
+    check "jail: its root holds only its own files" "$(ls -A "$state/jail1/vm" | sort | tr '\n' ' ')" \
+        "$(ls -A "/proc/$vmm/root" 2>/dev/null | sort | tr '\n' ' ')"
+    check "jail: the host's files are out of reach" 0 "$(ls "/proc/$vmm/root/etc" 2>/dev/null | wc -l)"
+    check "jail: its own network namespace" 1 "$([ "$(readlink "/proc/$vmm/ns/net")" != "$(readlink /proc/self/ns/net)" ] && echo 1)"
+    out="$("${CTR[@]}" task exec --exec-id e jail1 echo jailed-ok </dev/null 2>&1)"
+    check "jail: exec in a jailed pod" "jailed-ok" "$out"
+    "${CTR[@]}" task kill -s SIGKILL jail1
+    wait_stopped jail1
+    "${CTR[@]}" task delete jail1 >/dev/null 2>&1
+    "${CTR[@]}" container delete jail1
+    nothing_left "jail"
     write_config "$HULL_KERNEL" 240 "template = false"
     t0=$(date +%s%N)
     run_rm basic1c sh -c 'echo cold; exit 4'
@@ -421,7 +466,7 @@ if has faults; then
     until grep -q '/tasks/exit.*fault1' "$work/events.log" || [ "$i" -gt 100 ]; do i=$((i + 1)); sleep 0.1; done
     check "faults: containerd got the exit event" 1 "$(grep -c '/tasks/exit.*fault1' "$work/events.log")"
     st="$("${CTR[@]}" task delete fault1 2>&1)"
-    echo "INFO ctr task delete after the VM died: $st"
+    check_contains "faults: an error exit status when hull-vmm is killed" "exit with non-zero exit code 255" "$st"
     "${CTR[@]}" container delete fault1
     nothing_left "faults (hull-vmm killed)"
 
@@ -458,6 +503,57 @@ if has faults; then
     "${CTR[@]}" task delete fault3 >/dev/null 2>&1
     "${CTR[@]}" container delete fault3
     nothing_left "faults (containerd restarted)"
+fi
+
+# --- leaks: 100 create/start/delete cycles, 10 at a time ---------------------
+# snapshot_counts: what a leak would grow, one "name value" per line.
+snapshot_counts() {
+    # User processes (kernel threads, children of kthreadd, come and go),
+    # without this script's own short-lived helpers.
+    echo "processes $(ps -e -o ppid=,comm= | awk '$1 > 2 && $2 !~ /^(ps|awk|grep|wc|sleep|ctr|timeout|bash|sh|find|ls)$/' | wc -l)"
+    echo "containerd-fds $(ls "/proc/$HULL_CTRD_PID/fd" | wc -l)"
+    echo "mounts $(wc -l < /proc/self/mountinfo)"
+    echo "cgroups $(find /sys/fs/cgroup -type d | wc -l)"
+    echo "hull-state-files $(find "$state" | wc -l)"
+    echo "containerd-state-files $(find "$HULL_CTRD_DIR/state" "$HULL_CTRD_DIR/root/io.containerd.runtime.v2.task" 2>/dev/null | wc -l)"
+    echo "snapshots $("${CTR[@]}" snapshot ls 2>/dev/null | wc -l)"
+    echo "containers $("${CTR[@]}" container ls -q 2>/dev/null | wc -l)"
+    echo "taps $(ip -o link show type tun 2>/dev/null | wc -l)"
+    echo "tmp-files $(find "$HULL_CTRD_DIR/tmp" /tmp -maxdepth 1 -name '*hull*' 2>/dev/null | wc -l)"
+}
+if has leaks; then
+    cycles="${HULL_LEAK_CYCLES:-100}"
+    batch=10
+    # One run first: the template and pools exist before the baseline is taken.
+    run_rm leak0 true
+    check "leaks: warm-up run" 0 "$RC"
+    nothing_left "leaks (warm-up)"
+    sleep 2
+    snapshot_counts > "$work/leak-before"
+    t0=$(date +%s%N)
+    n=0
+    failed=0
+    while [ "$n" -lt "$cycles" ]; do
+        pids=()
+        for j in $(seq 1 "$batch"); do
+            id="leak$((n + j))"
+            "${CTR[@]}" run --rm "${RT[@]}" "$IMG" "$id" sh -c "echo $id" </dev/null >"$work/$id.out" 2>&1 &
+            pids+=($!)
+        done
+        for j in $(seq 1 "$batch"); do
+            wait "${pids[$((j - 1))]}" || { failed=$((failed + 1)); echo "leak$((n + j)): $(tail -n 3 "$work/leak$((n + j)).out")" >&2; }
+            [ "$(head -n 1 "$work/leak$((n + j)).out")" = "leak$((n + j))" ] || failed=$((failed + 1))
+        done
+        n=$((n + batch))
+    done
+    echo "INFO leaks: $cycles ctr run --rm, $batch at a time: $(( ($(date +%s%N) - t0) / 1000000 )) ms"
+    check "leaks: every cycle ran and printed its id" 0 "$failed"
+    nothing_left "leaks"
+    sleep 2
+    snapshot_counts > "$work/leak-after"
+    while read -r name before; do
+        check "leaks: $name unchanged after $cycles cycles" "$before" "$(awk -v n="$name" '$1 == n {print $2}' "$work/leak-after")"
+    done < "$work/leak-before"
 fi
 
 # --- failures: clear errors, nothing left behind --------------------------
