@@ -7,6 +7,7 @@
 //! message saying so (never a silent skip).
 
 pub mod agent_e2e;
+pub mod net_e2e;
 pub mod pod;
 pub mod snapshot_e2e;
 pub mod vm;

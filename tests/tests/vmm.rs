@@ -54,6 +54,21 @@ fn snapshot_then_two_restored_vms_run_containers_with_their_own_rng() {
 }
 
 #[test]
+fn net_on_a_tap_ping_tcp_and_restore_onto_another_tap() {
+    let out = scenario("vmm-net");
+    for want in [
+        "RESULT net_mac=02:00:0a:c8:00:02",
+        "RESULT net_ping=ok",
+        "RESULT net_echo=echo:hello-from-guest",
+        "RESULT host_fetch_a=ok",
+        "RESULT host_fetch_b=ok",
+        "RESULT restored_traffic=ok",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+}
+
+#[test]
 fn boots_a_bzimage_with_the_64_bit_protocol() {
     let out = scenario("vmm-bzimage");
     assert!(out.contains("RESULT bzimage_boot=ok"), "{out}");

@@ -22,9 +22,12 @@ fn main() {
         "vmm-bzimage" => vmm_bzimage(),
         "agent-containers" => hull_tests::agent_e2e::containers_in_vm(),
         "vmm-snapshot" => hull_tests::snapshot_e2e::restore_from_template(),
+        "vmm-net" => hull_tests::net_e2e::tap_traffic_and_restore_onto_another_tap(),
         "bench-boot" => bench_boot(),
         _ => {
-            eprintln!("usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|agent-containers|vmm-snapshot|bench-boot");
+            eprintln!(
+                "usage: hull-e2e vmm-boot|vmm-devices|vmm-bzimage|agent-containers|vmm-snapshot|vmm-net|bench-boot"
+            );
             std::process::exit(2);
         }
     };
