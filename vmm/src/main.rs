@@ -5,8 +5,8 @@
 use clap::Parser;
 use hull_vmm::api::{self, Response};
 use hull_vmm::config::{
-    parse_disk, parse_fs, parse_net, Console, DiskConfig, FsDeviceConfig, NetDeviceConfig, VmConfig, VsockDeviceConfig,
-    DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
+    parse_disk, parse_fs, parse_net, Console, DiskConfig, FsDeviceConfig, NetBackend, NetDeviceConfig, VmConfig,
+    VsockDeviceConfig, DEFAULT_CMDLINE, DEFAULT_GUEST_CID, DEFAULT_MEM_MIB,
 };
 use hull_vmm::controller::{Controller, Outcome};
 use hull_vmm::jail::{self, Jail};
@@ -111,6 +111,13 @@ fn block_termination_signals(how: libc::c_int) {
 /// VMM sees. Runs before any thread exists.
 fn confine(cli: &mut Cli) -> Result<(), String> {
     let Some(cfg) = cli.jail.clone() else { return Ok(()) };
+    // The jail has a network namespace of its own and no /dev/net/tun.
+    if let Some(n) = cli.net.iter().find(|n| matches!(n.backend, NetBackend::Tap(_))) {
+        return Err(format!(
+            "--net {}: a tap cannot be opened by name in the jail; open it outside and pass it with --net fd=N",
+            n.backend
+        ));
+    }
     let mut j = Jail::begin(cfg)?;
     if let Some(k) = &mut cli.kernel {
         *k = j.place(k, "kernel", true)?;
