@@ -24,7 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::{GuestMemory, Interrupt};
 use super::shadow::{InFlight, Seg, ShadowRing};
 
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code, unused_imports))]
 pub mod fuzzing;
 
 /// Largest request (device-readable + device-writable bytes) relayed.
@@ -452,6 +453,23 @@ impl Relay {
         touched
     }
 
+    /// virtiofsd hung up: from now on every request is answered with EIO,
+    /// starting with those in flight, then those waiting in the guest's
+    /// rings for room (unless paused: taken at resume). No answer will
+    /// come to retry the waiting ones, and the guest made them available
+    /// long ago: it will not kick for them again.
+    fn backend_gone(&mut self, paused: bool) {
+        self.shared.broken.store(true, Ordering::SeqCst);
+        for qi in self.fail_in_flight() {
+            self.notify_guest(qi);
+        }
+        if !paused {
+            for qi in 0..self.queues.len() {
+                self.turn(qi, false);
+            }
+        }
+    }
+
     fn notify_guest(&mut self, qi: usize) {
         let Some(q) = self.queues[qi].guest.as_mut() else {
             return;
@@ -565,11 +583,8 @@ impl Relay {
                             "virtio-fs: virtiofsd at {} disconnected; device stopped (requests now fail with EIO)",
                             self.socket.display()
                         );
-                        self.shared.broken.store(true, Ordering::SeqCst);
                         let _ = epoll.ctl(ControlOperation::Delete, self.sock_fd, EpollEvent::default());
-                        for qi in self.fail_in_flight() {
-                            self.notify_guest(qi);
-                        }
+                        self.backend_gone(paused);
                         // Calls are meaningless now.
                         for q in &self.queues {
                             let _ = epoll.ctl(ControlOperation::Delete, q.call.as_raw_fd(), EpollEvent::default());

@@ -764,6 +764,42 @@ fn virtiofsd_dying_stops_the_device() {
     s.fs.shutdown();
 }
 
+/// virtiofsd hangs up while requests wait in the guest's ring for room in
+/// the bounce region: those are answered with EIO too, like the ones in
+/// flight. (Found by fuzz/fs_relay: they used to stay in the ring for
+/// good; the guest, having kicked for them long ago, never kicks again.)
+#[test]
+fn backend_gone_answers_requests_waiting_for_room() {
+    let mem = memfd_memory();
+    let mut q = DrvQueue::new(0x1_0000);
+    q.init(&mem);
+    // The hiprio queue's 64 KiB arena holds 14 requests with their 4 KiB
+    // of reply room each; the rest wait.
+    let mut relay = relay::fuzzing::FuzzRelay::new(mem.clone(), vec![Some(q.queue()), None], QSIZE).unwrap();
+    let n = 20u64;
+    for unique in 1..=n {
+        let req = fuse_req(FUSE_LOOKUP, unique, 1, b"");
+        let at = INP + 0x100 * unique;
+        mem.write_slice(&req, GuestAddress(at)).unwrap();
+        q.post(&mem, &[(at, req.len() as u32, false), (OUT + 0x100 * unique, 16, true)]);
+    }
+    relay.turn(0);
+    let relayed = relay.in_flight() as u64;
+    assert!(relayed > 0 && relayed < n, "{relayed} of {n} relayed");
+    assert_eq!(q.used_idx(&mem), 0);
+
+    relay.backend_gone();
+    assert_eq!(relay.in_flight(), 0);
+    assert_eq!(q.used_idx(&mem), n as u16, "requests left waiting after virtiofsd hung up");
+    for _ in 0..n {
+        let (id, len) = q.wait_used(&mem);
+        let unique = u64::from(id / 2) + 1;
+        let mut reply = vec![0u8; 16];
+        mem.read_slice(&mut reply, GuestAddress(OUT + 0x100 * unique)).unwrap();
+        assert_eq!(out_header(len, &reply, unique), -libc::EIO);
+    }
+}
+
 /// The relay's cost, measured natively: `cargo test -p hull-vmm --release
 /// relay_cost -- --ignored --nocapture` (the same loop as the one that
 /// measured the former passthrough front end: wait for the interrupt).

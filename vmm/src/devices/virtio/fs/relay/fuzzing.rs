@@ -1,11 +1,12 @@
-//! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`):
-//! the relay without its thread or a vhost-user connection. The caller
+//! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`;
+//! the unit tests use them too): the relay without its thread or a
+//! vhost-user connection. The caller
 //! plays both the guest driver (guest queues) and virtiofsd (the shadow
 //! rings in [`FuzzRelay::bounce`]), and says when each one kicks.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 
 use virtio_queue::Queue;
@@ -104,10 +105,7 @@ impl FuzzRelay {
 
     /// virtiofsd hung up: what the relay thread does on the socket's HUP.
     pub fn backend_gone(&mut self) {
-        self.relay.shared.broken.store(true, Ordering::SeqCst);
-        for qi in self.relay.fail_in_flight() {
-            self.relay.notify_guest(qi);
-        }
+        self.relay.backend_gone(false);
     }
 
     /// Requests relayed and not answered yet.
