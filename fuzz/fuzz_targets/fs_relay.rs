@@ -26,6 +26,7 @@ const MEM_END: u64 = 0x40_0000;
 const BOUNDARY: u64 = 0x20_0000;
 const RINGS: [(u64, u64, u64); 2] = [(0x0, 0x1000, 0x2000), (0x4000, 0x5000, 0x6000)];
 const INDIRECT: u64 = 0x1_0000; // .. 0x5_0000
+const RINGS_END: u64 = 0x5_0000;
 const REQ: u64 = 0x10_0000; // request buffers, 16 slots of 0x1000
 const REPLY: u64 = 0x20_0000 - 0x800; // reply buffers, across the boundary
 const BIG: u64 = 0x28_0000; // a large buffer (reads, writes)
@@ -280,8 +281,13 @@ fn run(u: &mut Unstructured) -> Result<()> {
 
     for _ in 0..u.int_in_range(1..=32)? {
         let qi = u.choose_index(2)?;
-        match u.int_in_range(0u8..=9)? {
+        let act = u.int_in_range(0u8..=9)?;
+        if debug() {
+            eprintln!("queue {qi}: action {act}, {} in flight", relay.in_flight());
+        }
+        match act {
             0..=3 if present[qi] => {
+                let old = drv[qi].avail_idx();
                 for _ in 0..u.int_in_range(1..=4)? {
                     unique += 1;
                     chains += 1;
@@ -291,7 +297,13 @@ fn run(u: &mut Unstructured) -> Result<()> {
                     } else {
                         guest_req.insert(unique, req);
                     }
+                    if reaches(&descs, 0, RINGS_END) {
+                        drv.iter_mut().for_each(|d| d.hostile = true);
+                    }
                     let ind = (u.ratio(1, 8)? && chains < 64).then_some(INDIRECT + 0x1000 * chains);
+                    if debug() {
+                        eprintln!("  chain {descs:x?}, indirect table {ind:x?}");
+                    }
                     if drv[qi].add_chain(&mem, &descs, ind).is_none() {
                         break;
                     }
@@ -299,12 +311,20 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 if event_idx {
                     drv[qi].set_used_event(&mem, u.arbitrary()?);
                 }
-                relay.turn(qi);
+                // A driver kicks when the device asks for it (and may
+                // anyway).
+                if drv[qi].needs_kick(&mem, event_idx, old) || u.ratio(1, 16)? {
+                    relay.turn(qi);
+                }
             }
             4..=6 => {
                 be[qi].answer(u, relay.bounce())?;
                 if u.ratio(1, 8)? {
+                    // Paused for a snapshot, then resumed.
                     relay.turn_paused(qi);
+                    for q in 0..2 {
+                        relay.turn(q);
+                    }
                 } else {
                     relay.turn(qi);
                 }
@@ -317,7 +337,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
                 }
                 _ => {
                     let head = u.arbitrary()?;
-                    drv[qi].publish(&mem, head);
+                    drv[qi].publish_bogus(&mem, head);
                     relay.turn(qi);
                 }
             },
@@ -332,6 +352,15 @@ fn run(u: &mut Unstructured) -> Result<()> {
         for (i, b) in be.iter_mut().enumerate() {
             b.pop(relay.bounce(), (!tainted).then_some(&guest_req));
             let _ = drv[i].take_used(&mem);
+        }
+        // Nothing at virtiofsd: nothing can be left waiting in a guest ring
+        // (no answer will come to retry it, and the driver kicked already).
+        if relay.in_flight() == 0 {
+            for (i, d) in drv.iter().enumerate() {
+                if present[i] && !d.hostile {
+                    assert_eq!(d.outstanding(), 0, "queue {i}: requests left in the ring with nothing in flight");
+                }
+            }
         }
         // (Bogus used entries may delay real ones to the next call.)
         let held: usize = be.iter().map(|b| b.held.len()).sum();

@@ -147,6 +147,11 @@ fn run(u: &mut Unstructured) -> Result<()> {
             let (descs, corrupted) =
                 if u.ratio(1, 6)? { (raw_chain(u, qsize)?, true) } else { request(u, &mem, slot, status, qsize)? };
             tainted |= corrupted;
+            // Rings and indirect tables: the first 256 KiB, and around the
+            // boundary where a ring may straddle.
+            if reaches(&descs, 0, 0x4_0000) || reaches(&descs, RING_BOUNDARY - 0x1000, RING_BOUNDARY + 0x1000) {
+                drv.hostile = true;
+            }
             // An indirect table per request of the run: a chain left in the
             // ring (behind a hostile avail index) keeps its table.
             let indirect = u.ratio(1, 8)?.then_some(INDIRECT + 0x1000 * (8 * round + slot));
@@ -155,7 +160,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
             }
         }
         match u.int_in_range(0u8..=15)? {
-            0 => drv.publish(&mem, u.arbitrary()?),
+            0 => drv.publish_bogus(&mem, u.arbitrary()?),
             1 => drv.jump_avail_idx(&mem, u.arbitrary()?),
             _ => {}
         }
@@ -166,7 +171,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         for (id, len, chain) in drv.take_used(&mem) {
             let Some(descs) = chain else { continue };
             let plain = descs.iter().all(|d| d.flags & F_INDIRECT == 0 && d.next.is_none());
-            if plain {
+            if plain && !drv.hostile {
                 assert!(
                     u64::from(len) <= writable_len(&descs),
                     "chain {id}: used length {len} > its writable bytes {descs:x?}"

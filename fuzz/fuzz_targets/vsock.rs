@@ -30,6 +30,7 @@ const BOUNDARY: u64 = 0x20_0000;
 // Rings: rx, tx, event.
 const RINGS: [(u64, u64, u64); 3] = [(0x0, 0x1000, 0x2000), (0x4000, 0x5000, 0x6000), (0x8000, 0x9000, 0xA000)];
 const INDIRECT: u64 = 0x1_0000; // .. 0x5_0000, one table per chain
+const RINGS_END: u64 = 0x5_0000;
 const TX_BUF: u64 = 0x10_0000; // .. 0x1F_0000
 const RX_BUF: u64 = 0x20_0000; // .. 0x2F_C000: 14 slots, one per rx chain in flight
 const RX_SLOT: u64 = 0x1_2000;
@@ -56,6 +57,7 @@ fn host() -> &'static Host {
         let dir = std::env::temp_dir().join(format!("hull-fuzz-vsock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        remove_at_exit(dir.clone());
         let path = dir.join("v.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let services = HOST_PORTS
@@ -88,13 +90,21 @@ fn port(u: &mut Unstructured) -> Result<u32> {
     })
 }
 
-fn header(u: &mut Unstructured) -> Result<VsockHeader> {
+/// A header from the guest; `seen` are (host port, guest port) pairs of
+/// packets the device sent, so that the guest answers real connections.
+fn header(u: &mut Unstructured, seen: &[(u32, u32)]) -> Result<VsockHeader> {
     let op = if u.ratio(1, 10)? { u.arbitrary()? } else { u.int_in_range(OP_REQUEST..=OP_CREDIT_REQUEST)? };
+    let (src_port, dst_port) = if !seen.is_empty() && u.ratio(1, 2)? {
+        let (host, guest) = seen[u.choose_index(seen.len())?];
+        (guest, host)
+    } else {
+        (port(u)?, port(u)?)
+    };
     Ok(VsockHeader {
         src_cid: if u.ratio(1, 10)? { u.arbitrary()? } else { CID },
         dst_cid: if u.ratio(1, 10)? { u.arbitrary()? } else { VSOCK_HOST_CID },
-        src_port: port(u)?,
-        dst_port: port(u)?,
+        src_port,
+        dst_port,
         len: 0,
         type_: if u.ratio(1, 10)? { u.arbitrary()? } else { TYPE_STREAM },
         op,
@@ -124,9 +134,18 @@ struct Run {
     /// A corrupted rx chain or hostile rx ring: the device may have written
     /// anywhere, packets are not checked.
     rx_tainted: bool,
+    /// (host port, guest port) of packets the device sent (at most 16).
+    seen: Vec<(u32, u32)>,
 }
 
 impl Run {
+    fn taint_if_reaching_rings(&mut self, descs: &[Desc]) {
+        if reaches(descs, 0, RINGS_END) {
+            self.q.iter_mut().for_each(|d| d.hostile = true);
+            self.rx_tainted = true;
+        }
+    }
+
     fn indirect(&mut self, u: &mut Unstructured) -> Result<Option<u64>> {
         self.chains += 1;
         Ok((u.ratio(1, 8)? && self.chains < 64).then_some(INDIRECT + 0x1000 * self.chains))
@@ -135,7 +154,7 @@ impl Run {
     /// A packet on the tx queue: header (+ payload) in one to three
     /// descriptors, maybe corrupted.
     fn tx(&mut self, u: &mut Unstructured) -> Result<()> {
-        let mut h = header(u)?;
+        let mut h = header(u, &self.seen)?;
         let payload_len = if h.op == OP_RW || u.ratio(1, 10)? { u.int_in_range(0..=256usize)? } else { 0 };
         h.len = match u.int_in_range(0u8..=7)? {
             0 => u.arbitrary()?,
@@ -171,6 +190,7 @@ impl Run {
             }
         };
         corrupt(u, &mut descs, PALETTE, LENS, self.q[1].size)?;
+        self.taint_if_reaching_rings(&descs);
         let ind = self.indirect(u)?;
         self.q[1].add_chain(&self.mem, &descs, ind);
         Ok(())
@@ -195,6 +215,7 @@ impl Run {
             if corrupt(u, &mut descs, PALETTE, LENS, self.q[qi].size)? && qi == 0 {
                 self.rx_tainted = true;
             }
+            self.taint_if_reaching_rings(&descs);
             let ind = self.indirect(u)?;
             match self.q[qi].add_chain(&self.mem, &descs, ind) {
                 Some(head) if qi == 0 => {
@@ -294,6 +315,9 @@ impl Run {
             assert_eq!(h.len as usize + HDR_SIZE, len as usize, "rx packet {h:?}");
             assert!(h.op == OP_RW || h.len == 0, "rx packet {h:?}");
             assert!(h.len as usize <= MAX_PKT_PAYLOAD, "rx packet {h:?}");
+            if self.seen.len() < 16 && !self.seen.contains(&(h.src_port, h.dst_port)) {
+                self.seen.push((h.src_port, h.dst_port));
+            }
         }
         for qi in 1..3 {
             for (id, len, _) in self.q[qi].take_used(&self.mem) {
@@ -328,6 +352,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         rx_slots: Default::default(),
         ev_slot: 0,
         rx_tainted: false,
+        seen: Vec::new(),
     };
 
     for _ in 0..u.int_in_range(1..=48)? {
@@ -346,7 +371,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
             12 => {
                 let qi = u.choose_index(3)?;
                 let head = u.arbitrary()?;
-                r.q[qi].publish(&r.mem, head);
+                r.q[qi].publish_bogus(&r.mem, head);
                 r.rx_tainted |= qi == 0;
             }
             13 if u.ratio(1, 4)? => {

@@ -27,6 +27,7 @@ use ttrpc::r#async::TtrpcContext;
 
 use crate::backend::*;
 use crate::container::runtime;
+use crate::guest::debug;
 use crate::server::sandbox::{self, SandboxSettings};
 use crate::server::service::AgentService;
 use crate::stdio::{serve_connection, StdioRegistry};
@@ -192,10 +193,15 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 }
 
 /// Where SetupSandbox writes resolv.conf (tmpfs when there is one).
-fn scratch_dir() -> PathBuf {
-    let base = Path::new("/dev/shm");
-    let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
-    base.join(format!("hull-fuzz-agent-{}", std::process::id()))
+fn scratch_dir() -> &'static Path {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| {
+        let base = Path::new("/dev/shm");
+        let base = if base.is_dir() { base.to_path_buf() } else { std::env::temp_dir() };
+        let d = base.join(format!("hull-fuzz-agent-{}", std::process::id()));
+        crate::guest::remove_at_exit(d.clone());
+        d
+    })
 }
 
 fn context() -> TtrpcContext {
@@ -262,12 +268,6 @@ pub fn api(data: &[u8]) {
             }
         }
     });
-}
-
-/// `HULL_FUZZ_DEBUG=1`: print each request's answer.
-fn debug() -> bool {
-    static D: OnceLock<bool> = OnceLock::new();
-    *D.get_or_init(|| std::env::var_os("HULL_FUZZ_DEBUG").is_some())
 }
 
 /// One STDIO connection: `bytes` as the header line (and what follows),

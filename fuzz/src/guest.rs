@@ -21,6 +21,30 @@ pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 pub const F_INDIRECT: u16 = 4;
 
+/// `HULL_FUZZ_DEBUG=1`: the targets print what they do (to replay a crash
+/// and see it).
+pub fn debug() -> bool {
+    static D: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("HULL_FUZZ_DEBUG").is_some())
+}
+
+/// Removes `dir` when the process exits normally (libFuzzer ends a timed
+/// run with `exit`).
+pub fn remove_at_exit(dir: std::path::PathBuf) {
+    static DIRS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+    extern "C" fn cleanup() {
+        for d in DIRS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+    let mut dirs = DIRS.lock().unwrap_or_else(|p| p.into_inner());
+    if dirs.is_empty() {
+        // SAFETY: registers a plain function without arguments.
+        unsafe { libc::atexit(cleanup) };
+    }
+    dirs.push(dir);
+}
+
 /// Anonymous guest memory made of `regions` (start, length).
 pub fn memory(regions: &[(u64, usize)]) -> Mem {
     let r: Vec<(GuestAddress, usize)> = regions.iter().map(|&(a, l)| (GuestAddress(a), l)).collect();
@@ -147,8 +171,14 @@ impl DriverQueue {
         Some(head)
     }
 
-    /// Puts `head` on the avail ring (any value: hostile heads too).
-    pub fn publish(&mut self, mem: &Mem, head: u16) {
+    /// Puts any `head` on the avail ring (a bogus one, or a chain in flight
+    /// a second time): the device may return anything afterwards.
+    pub fn publish_bogus(&mut self, mem: &Mem, head: u16) {
+        self.hostile = true;
+        self.publish(mem, head);
+    }
+
+    fn publish(&mut self, mem: &Mem, head: u16) {
         if self.size == 0 {
             return;
         }
@@ -163,6 +193,32 @@ impl DriverQueue {
         self.hostile = true;
         self.avail_idx = self.avail_idx.wrapping_add(delta);
         mem.write_obj(self.avail_idx.to_le(), GuestAddress(self.avail + 2)).expect("avail ring");
+    }
+
+    /// The next avail index the driver publishes.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Chains made available and not used yet (as of the last
+    /// [`DriverQueue::take_used`]).
+    pub fn outstanding(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.used_seen)
+    }
+
+    /// Whether the device wants a notification for the chains published
+    /// since avail index `old`, by the driver's rules: the used ring's
+    /// NO_NOTIFY flag, or with EVENT_IDX `vring_need_event(avail_event)`.
+    pub fn needs_kick(&self, mem: &Mem, event_idx: bool, old: u16) -> bool {
+        let new = self.avail_idx;
+        if event_idx {
+            let e: u16 = mem.read_obj(GuestAddress(self.used + 4 + 8 * u64::from(self.size))).expect("used ring");
+            let event = u16::from_le(e);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = mem.read_obj(GuestAddress(self.used)).expect("used ring");
+            u16::from_le(flags) & 1 == 0
+        }
     }
 
     /// The driver's `used_event` (EVENT_IDX).
@@ -204,6 +260,16 @@ fn link(d: &Desc, last: bool, next: u16) -> (u16, u16) {
         None if last => (d.flags & !F_NEXT, 0),
         None => (d.flags | F_NEXT, next),
     }
+}
+
+/// Whether a chain lets the device write into `[lo, hi)` (where the rings
+/// and indirect tables are), or makes it follow an indirect table nobody
+/// wrote as one: afterwards the rings may hold anything, and only "no
+/// panic, no hang" is checked.
+pub fn reaches(descs: &[Desc], lo: u64, hi: u64) -> bool {
+    descs.iter().any(|d| {
+        d.flags & F_INDIRECT != 0 || (d.writable() && d.addr < hi && d.addr.saturating_add(u64::from(d.len)) > lo)
+    })
 }
 
 /// Total length of the device-writable descriptors of a chain.
