@@ -228,7 +228,9 @@ impl DriverQueue {
 
     /// New used entries, as (id, len, the chain as written if known). Checks
     /// what any device must respect: a used id names a descriptor of the
-    /// ring, and the used index never runs ahead of what was made available.
+    /// ring, and the used index never runs ahead of what was made available
+    /// (unless the rings were made [`DriverQueue::hostile`]: then the device
+    /// may have been told to write over them).
     pub fn take_used(&mut self, mem: &Mem) -> Vec<(u32, u32, Option<Vec<Desc>>)> {
         let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used ring"));
         let new = idx.wrapping_sub(self.used_seen);
@@ -241,7 +243,11 @@ impl DriverQueue {
             let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
             let id = u32::from_le(mem.read_obj(GuestAddress(e)).expect("used ring"));
             let len = u32::from_le(mem.read_obj(GuestAddress(e + 4)).expect("used ring"));
-            assert!(id < u32::from(self.size), "used id {id} is not a descriptor of a ring of {}", self.size);
+            assert!(
+                self.hostile || id < u32::from(self.size),
+                "used id {id} is not a descriptor of a ring of {}",
+                self.size
+            );
             let chain = self.chains.remove(&(id as u16)).map(|(idxs, descs)| {
                 self.free.extend(idxs);
                 descs
