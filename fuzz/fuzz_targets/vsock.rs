@@ -6,10 +6,14 @@
 //! Checked besides "no panic, no hang": the used rings (ids, indices), every
 //! packet written to the guest (addressed to it from the host CID, a stream
 //! packet with a known op, its `len` matching the used length, within the
-//! rx chain), and the bound on connections.
+//! rx chain), the bound on connections, the `OK <port>` answer to a CONNECT
+//! line, and the data of host-initiated connections both ways: what the
+//! host reads is a prefix of the RW payloads the guest sent on that
+//! connection, what the guest receives a prefix of what the host wrote.
 
 #![no_main]
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -118,18 +122,87 @@ fn header(u: &mut Unstructured, seen: &[(u32, u32)]) -> Result<VsockHeader> {
     })
 }
 
+/// The host end of a unix stream.
+struct HostStream {
+    s: UnixStream,
+    /// The guest port of a CONNECT client whose line was well-formed.
+    peer: Option<u32>,
+    /// The answer line as read so far, then the host port it names.
+    line: Vec<u8>,
+    local: Option<u32>,
+    /// Bytes read after the answer line, and bytes written after the
+    /// CONNECT line.
+    read: Vec<u8>,
+    written: Vec<u8>,
+}
+
+impl HostStream {
+    fn new(s: UnixStream, peer: Option<u32>) -> HostStream {
+        s.set_nonblocking(true).unwrap();
+        HostStream { s, peer, line: Vec::new(), local: None, read: Vec::new(), written: Vec::new() }
+    }
+
+    /// Reads what the device sent: the `OK <port>` line (a CONNECT
+    /// client), then data.
+    fn drain(&mut self) {
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = match self.s.read(&mut buf) {
+                Ok(n) if n > 0 => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                _ => break,
+            };
+            let mut data = &buf[..n];
+            if self.peer.is_some() && self.local.is_none() {
+                while let Some((&b, rest)) = data.split_first() {
+                    data = rest;
+                    if b == b'\n' {
+                        let line = std::str::from_utf8(&self.line).ok();
+                        let port = line.and_then(|l| l.strip_prefix("OK ")).and_then(|p| p.parse::<u32>().ok());
+                        assert!(port.is_some_and(|p| p >= LOCAL_PORT_BASE), "answer line {:?}", self.line);
+                        self.local = port;
+                        break;
+                    }
+                    self.line.push(b);
+                    assert!(self.line.len() < 16, "answer line {:?}", self.line);
+                }
+            }
+            self.read.extend_from_slice(data);
+        }
+    }
+}
+
+/// A connection as the guest saw it.
+#[derive(Default)]
+struct ConnLog {
+    /// OP_RW payloads sent (exact packets only) and received.
+    sent: Vec<u8>,
+    recv: Vec<u8>,
+    /// An RW packet whose payload the device may read otherwise was sent,
+    /// or one before the guest knew of the connection.
+    sent_inexact: bool,
+    /// The guest got the host's OP_REQUEST.
+    opened: bool,
+}
+
 struct Run {
     mem: Mem,
     q: Vec<DriverQueue>,
     dev: FuzzWorker,
     /// Host ends of unix streams (CONNECT clients, accepted service
     /// connections).
-    streams: Vec<UnixStream>,
+    streams: Vec<HostStream>,
+    /// What went over each connection (host port, guest port) on the
+    /// guest's side.
+    logs: HashMap<(u32, u32), ConnLog>,
+    /// A corrupted tx chain or hostile tx ring: the device may have taken
+    /// payload from anywhere, guest-to-host data is not checked.
+    tx_tainted: bool,
     chains: u64,
     tx_slot: u64,
     /// Free rx buffer slots; rx heads in flight and their slots.
     rx_free: Vec<u64>,
-    rx_slots: std::collections::HashMap<u32, u64>,
+    rx_slots: HashMap<u32, u64>,
     ev_slot: u64,
     /// A corrupted rx chain or hostile rx ring: the device may have written
     /// anywhere, packets are not checked.
@@ -189,10 +262,22 @@ impl Run {
                 d
             }
         };
-        corrupt(u, &mut descs, PALETTE, LENS, self.q[1].size)?;
+        if corrupt(u, &mut descs, PALETTE, LENS, self.q[1].size)? {
+            self.tx_tainted = true;
+        }
         self.taint_if_reaching_rings(&descs);
         let ind = self.indirect(u)?;
-        self.q[1].add_chain(&self.mem, &descs, ind);
+        if self.q[1].add_chain(&self.mem, &descs, ind).is_some()
+            && h.op == OP_RW
+            && (h.src_cid, h.dst_cid, h.type_) == (CID, VSOCK_HOST_CID, TYPE_STREAM)
+        {
+            let log = self.logs.entry((h.dst_port, h.src_port)).or_default();
+            if log.opened && h.len as usize == payload.len() {
+                log.sent.extend_from_slice(payload);
+            } else {
+                log.sent_inexact = true;
+            }
+        }
         Ok(())
     }
 
@@ -238,53 +323,82 @@ impl Run {
         match u.int_in_range(0u8..=5)? {
             0 if self.streams.len() < 40 => {
                 let Ok(mut s) = UnixStream::connect(&h.path) else { return Ok(()) };
-                s.set_nonblocking(true).unwrap();
-                let line = if u.ratio(3, 4)? {
-                    format!("CONNECT {}\n", port(u)?).into_bytes()
+                let (line, peer) = if u.ratio(3, 4)? {
+                    let p = port(u)?;
+                    (format!("CONNECT {p}\n").into_bytes(), Some(p))
                 } else {
                     let n = u.int_in_range(0..=40)?;
-                    u.bytes(n)?.to_vec()
+                    (u.bytes(n)?.to_vec(), None)
                 };
+                // (A line this short always fits the socket buffer.)
                 let _ = s.write(&line);
-                self.streams.push(s);
+                self.streams.push(HostStream::new(s, peer));
             }
             1 => {
                 for l in &h.services {
                     while let Ok((s, _)) = l.accept() {
-                        s.set_nonblocking(true).unwrap();
-                        self.streams.push(s);
+                        self.streams.push(HostStream::new(s, None));
                     }
                 }
             }
             2 if !self.streams.is_empty() => {
                 let i = u.choose_index(self.streams.len())?;
                 let n = u.int_in_range(1..=4096)?;
-                let data = vec![u.arbitrary::<u8>()?; n];
-                let _ = self.streams[i].write(&data);
+                let first = u.arbitrary::<u8>()?;
+                let data: Vec<u8> = (0..n).map(|k| first.wrapping_add(k as u8)).collect();
+                let st = &mut self.streams[i];
+                if let Ok(n) = st.s.write(&data) {
+                    st.written.extend_from_slice(&data[..n]);
+                }
             }
             3 if !self.streams.is_empty() => {
                 let i = u.choose_index(self.streams.len())?;
                 let how = [Shutdown::Write, Shutdown::Read, Shutdown::Both][u.choose_index(3)?];
-                let _ = self.streams[i].shutdown(how);
+                let _ = self.streams[i].s.shutdown(how);
             }
             4 if !self.streams.is_empty() => {
                 let i = u.choose_index(self.streams.len())?;
                 self.streams.swap_remove(i);
             }
-            _ => {
-                let mut buf = [0u8; 8192];
-                for s in &mut self.streams {
-                    loop {
-                        match s.read(&mut buf) {
-                            Ok(n) if n > 0 => {}
-                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                            _ => break,
-                        }
-                    }
-                }
-            }
+            _ => self.check_streams(),
         }
         Ok(())
+    }
+
+    /// Reads every host stream and checks both directions of each
+    /// connection against what the guest side sent and received.
+    fn check_streams(&mut self) {
+        for st in &mut self.streams {
+            st.drain();
+            let (Some(local), Some(peer)) = (st.local, st.peer) else { continue };
+            let log = self.logs.get(&(local, peer));
+            if debug() {
+                let (sent, recv) = log.map_or((0, 0), |l| (l.sent.len(), l.recv.len()));
+                eprintln!(
+                    "connection {local}/{peer}: host read {} wrote {}, guest sent {sent} received {recv}",
+                    st.read.len(),
+                    st.written.len()
+                );
+            }
+            if !self.tx_tainted && !self.q[1].hostile && !log.is_some_and(|l| l.sent_inexact) {
+                let sent = log.map_or(&[][..], |l| &l.sent[..]);
+                assert!(
+                    sent.starts_with(&st.read),
+                    "connection {local}/{peer}: the host read {} bytes that are not what the guest sent ({} bytes)",
+                    st.read.len(),
+                    sent.len()
+                );
+            }
+            if !self.rx_tainted && !self.q[0].hostile {
+                let recv = log.map_or(&[][..], |l| &l.recv[..]);
+                assert!(
+                    st.written.starts_with(recv),
+                    "connection {local}/{peer}: the guest received {} bytes that are not what the host wrote ({} bytes)",
+                    recv.len(),
+                    st.written.len()
+                );
+            }
+        }
     }
 
     /// Takes the used entries and checks them.
@@ -315,6 +429,19 @@ impl Run {
             assert_eq!(h.len as usize + HDR_SIZE, len as usize, "rx packet {h:?}");
             assert!(h.op == OP_RW || h.len == 0, "rx packet {h:?}");
             assert!(h.len as usize <= MAX_PKT_PAYLOAD, "rx packet {h:?}");
+            if h.op == OP_REQUEST {
+                self.logs.entry((h.src_port, h.dst_port)).or_default().opened = true;
+            }
+            if h.op == OP_RW {
+                let mut all = vec![0u8; len as usize];
+                let mut done = 0;
+                for d in &descs {
+                    let n = (all.len() - done).min(d.len as usize);
+                    self.mem.read_slice(&mut all[done..done + n], GuestAddress(d.addr)).unwrap();
+                    done += n;
+                }
+                self.logs.entry((h.src_port, h.dst_port)).or_default().recv.extend_from_slice(&all[HDR_SIZE..]);
+            }
             if self.seen.len() < 16 && !self.seen.contains(&(h.src_port, h.dst_port)) {
                 self.seen.push((h.src_port, h.dst_port));
             }
@@ -353,6 +480,8 @@ fn run(u: &mut Unstructured) -> Result<()> {
         ev_slot: 0,
         rx_tainted: false,
         seen: Vec::new(),
+        logs: HashMap::new(),
+        tx_tainted: false,
     };
 
     for _ in 0..u.int_in_range(1..=48)? {
@@ -384,6 +513,7 @@ fn run(u: &mut Unstructured) -> Result<()> {
         r.dev.poll().unwrap();
         r.check();
     }
+    r.check_streams();
     Ok(())
 }
 
