@@ -6,7 +6,7 @@ set -euo pipefail
 pkgs=(qemu-system-x86 busybox-static cpio e2fsprogs kmod xz-utils
       linux-source-6.1 bc flex bison libelf-dev libssl-dev make gcc
       libseccomp-dev libcap-ng-dev pkg-config containerd runc
-      protobuf-compiler fonts-dejavu-core)
+      protobuf-compiler fonts-dejavu-core iproute2)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -9,6 +9,7 @@ pub mod diskpool;
 pub mod io;
 pub mod jail;
 pub mod mounts;
+pub mod network;
 pub mod pod;
 pub mod rootfs;
 pub mod sandbox;

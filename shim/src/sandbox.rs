@@ -17,6 +17,7 @@ use hull_agent_api::{AgentAddr, AgentClient, DEFAULT_AGENT_PORT, DEFAULT_STDIO_P
 use log::{error, info, warn};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -184,6 +185,8 @@ pub struct SandboxSpec {
     pub resources: Resources,
     /// The sandbox's `linux.cgroupsPath` (Kubernetes' pod cgroup), if any.
     pub k8s_cgroup: Option<String>,
+    /// The pod's network namespace (CNI's), if the spec names one.
+    pub netns: Option<PathBuf>,
 }
 
 pub struct Sandbox {
@@ -292,7 +295,13 @@ pub enum VmBoot<'a> {
 /// hull-vmm's arguments for a pod VM with `slots` disk slots: the one
 /// place that decides the device layout, which a template and the pods
 /// restored from it must share.
-pub fn vmm_args(cfg: &Config, paths: &SandboxPaths, boot: VmBoot, slots: usize) -> Vec<std::ffi::OsString> {
+pub fn vmm_args(
+    cfg: &Config,
+    paths: &SandboxPaths,
+    boot: VmBoot,
+    slots: usize,
+    net: Option<std::os::fd::RawFd>,
+) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     match boot {
         VmBoot::Restore(snap) => a.extend(["--restore".into(), snap.into()]),
@@ -323,6 +332,13 @@ pub fn vmm_args(cfg: &Config, paths: &SandboxPaths, boot: VmBoot, slots: usize) 
         let serial = SandboxPaths::disk_serial(slot);
         a.extend(["--disk".into(), format!("{},id={serial}", paths.disk_image(&serial).display()).into()]);
     }
+    // Every VM has one NIC, so a template serves pods with and without a
+    // network: its backend is the pod's tap (an inherited fd) or none.
+    let nic = match net {
+        Some(fd) => format!("fd={fd}"),
+        None => "none".to_string(),
+    };
+    a.extend(["--net".into(), nic.into()]);
     a
 }
 
@@ -530,18 +546,50 @@ impl Sandbox {
             }
         };
 
+        // The pod network (CNI's namespace): a tap joined to its interface.
+        let net = match &spec.netns {
+            Some(ns) => {
+                let ns = ns.clone();
+                let n = tokio::task::spawn_blocking(move || crate::network::attach(&ns))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                match &n {
+                    Some(n) => {
+                        info!("pod {}: network {} ({}) via tap {}", spec.id, n.iface, n.mac, crate::network::TAP_NAME)
+                    }
+                    None => info!("pod {}: no IPv4 interface in its network namespace: loopback only", spec.id),
+                }
+                n
+            }
+            None => None,
+        };
+
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
         join_cgroup(&mut cmd, &cgroup)?;
+        let tap_fd = net.as_ref().map(|n| n.tap.as_raw_fd());
+        if let Some(fd) = tap_fd {
+            // SAFETY: fcntl on an fd number is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        }
         let boot = match &snapshot {
             Some(snap) => VmBoot::Restore(snap),
             None => VmBoot::Cold { vcpus: r.vcpus, mem_mib: r.mem_mib },
         };
-        cmd.args(vmm_args(cfg, &paths, boot, slots));
+        cmd.args(vmm_args(cfg, &paths, boot, slots, tap_fd));
         if let Some(j) = &jail {
             cmd.arg("--jail").arg(j.arg(&paths.vm()));
         }
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
+        // hull-vmm holds the tap now: it goes when hull-vmm does.
+        let (interfaces, routes) = net.map(|n| (n.interfaces, n.routes)).unwrap_or_default();
         write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
         partial.vmm = Some(vmm);
         let vmm = partial.vmm.as_ref().unwrap();
@@ -616,6 +664,8 @@ impl Sandbox {
             hostname: hostname.unwrap_or_default(),
             entropy,
             wall_clock_unix_nanos: now.as_nanos() as i64,
+            interfaces,
+            routes,
             ..Default::default()
         };
         agent.setup_sandbox(&req).await.map_err(|e| format!("agent SetupSandbox: {e}"))?;
@@ -754,9 +804,9 @@ mod tests {
     fn template_and_restored_pods_get_the_same_devices() {
         let cfg = Config::default();
         let p = SandboxPaths::new("/run/hull/sb".into());
-        let cold = vmm_args(&cfg, &p, VmBoot::Cold { vcpus: 2, mem_mib: 512 }, 3);
+        let cold = vmm_args(&cfg, &p, VmBoot::Cold { vcpus: 2, mem_mib: 512 }, 3, None);
         let snap = Path::new("/run/hull/templates/k");
-        let restored = vmm_args(&cfg, &p, VmBoot::Restore(snap), 3);
+        let restored = vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, None);
         let s = |v: &[std::ffi::OsString]| v.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
         let (cold, restored) = (s(&cold), s(&restored));
         assert_eq!(&restored[..2], ["--restore", "/run/hull/templates/k"]);
@@ -771,6 +821,9 @@ mod tests {
         assert_eq!(cold[10..], restored[2..], "same devices in the same order");
         assert_eq!(cold.iter().filter(|a| *a == "--disk").count(), 3);
         assert!(cold.contains(&"/run/hull/sb/vm/disks/hullrw2.img,id=hullrw2".to_string()));
+        assert_eq!(cold[cold.len() - 2..], ["--net", "none"]);
+        let with_net = s(&vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, Some(7)));
+        assert_eq!(with_net[with_net.len() - 2..], ["--net", "fd=7"]);
     }
 
     #[test]

@@ -54,7 +54,7 @@ pub fn key(cfg: &Config, shape: Shape) -> Result<String, String> {
     }
     h.update(
         format!(
-            "vcpus={} mem={} slots={} disk_mib={} tag={FS_TAG} cmdline={CMDLINE} hull={}",
+            "vcpus={} mem={} slots={} disk_mib={} tag={FS_TAG} nics=1 cmdline={CMDLINE} hull={}",
             shape.vcpus,
             shape.mem_mib,
             shape.disk_slots,
@@ -159,7 +159,8 @@ fn build_in(cfg: &Config, shape: Shape, build: &Path) -> Result<(), String> {
         f.set_len(cfg.defaults.disk_size_mib << 20).map_err(|e| format!("size {}: {e}", img.display()))?;
     }
     let mut cmd = Command::new(&cfg.paths.hull_vmm);
-    cmd.args(vmm_args(cfg, &paths, VmBoot::Cold { vcpus: shape.vcpus, mem_mib: shape.mem_mib }, shape.disk_slots));
+    let boot = VmBoot::Cold { vcpus: shape.vcpus, mem_mib: shape.mem_mib };
+    cmd.args(vmm_args(cfg, &paths, boot, shape.disk_slots, None));
     let vmm = cmd
         .stdin(Stdio::null())
         .stdout(log("hull-vmm")?)

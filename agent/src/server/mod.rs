@@ -8,6 +8,7 @@
 
 // pub(crate): the fuzz targets (fuzz/, which compiles the agent's modules
 // in) drive the service and the sandbox plan directly.
+pub(crate) mod network;
 pub(crate) mod sandbox;
 pub(crate) mod service;
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! SetupSandbox: the guest's identity, DNS, entropy and clock.
+//! SetupSandbox: the guest's identity, network, DNS, entropy and clock.
 //!
 //! [`plan`] validates a request into a [`SandboxPlan`]; [`apply`] carries it
 //! out as far as [`SandboxSettings`] allow. The agent as PID 1 in the guest
@@ -42,6 +42,7 @@ pub struct SandboxPlan {
     pub entropy: Vec<u8>,
     /// None: leave the clock alone (0 in the request).
     pub wall_clock_unix_nanos: Option<i64>,
+    pub net: super::network::NetPlan,
 }
 
 /// Validates a request: hostname (at most 64 characters, label syntax), at
@@ -92,7 +93,8 @@ pub fn plan(req: &SetupSandboxRequest) -> Result<SandboxPlan, String> {
         n if n < 0 => return Err(format!("wall_clock_unix_nanos {n} is before 1970")),
         n => Some(n),
     };
-    Ok(SandboxPlan { hostname, resolv_conf: resolv, entropy: req.entropy.clone(), wall_clock_unix_nanos: clock })
+    let net = super::network::plan(&req.interfaces, &req.routes)?;
+    Ok(SandboxPlan { hostname, resolv_conf: resolv, entropy: req.entropy.clone(), wall_clock_unix_nanos: clock, net })
 }
 
 /// Carries a plan out (blocking). Stops at the first failure, naming it.
@@ -107,6 +109,7 @@ pub fn apply(plan: &SandboxPlan, settings: &SandboxSettings) -> Result<(), Strin
         if let Some(h) = &plan.hostname {
             nix::unistd::sethostname(h).map_err(|e| format!("sethostname {}: {e}", shown(h)))?;
         }
+        super::network::apply(&plan.net)?;
     }
     if let Some(path) = &settings.resolv_conf {
         write_in_place(path, plan.resolv_conf.as_bytes()).map_err(|e| format!("writing {}: {e}", path.display()))?;
@@ -199,7 +202,13 @@ mod tests {
         let empty = plan(&SetupSandboxRequest::default()).unwrap();
         assert_eq!(
             empty,
-            SandboxPlan { hostname: None, resolv_conf: String::new(), entropy: vec![], wall_clock_unix_nanos: None }
+            SandboxPlan {
+                hostname: None,
+                resolv_conf: String::new(),
+                entropy: vec![],
+                wall_clock_unix_nanos: None,
+                net: Default::default()
+            }
         );
     }
 

@@ -223,6 +223,12 @@ impl Tap {
         ioctl_val(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags))
     }
 
+    /// The open tap, for a process that hands it to hull-vmm (`--net fd=N`).
+    /// (A duplicate of the same open tap; dropping `self` closes the original.)
+    pub fn into_file(self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// The interface name (as the kernel reports it).
     pub fn name(&self) -> &str {
         &self.name
