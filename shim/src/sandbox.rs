@@ -641,7 +641,9 @@ impl Sandbox {
         info!("pod {}: {line} ({} ms after start)", spec.id, t0.elapsed().as_millis());
 
         let api = AgentAddr::Hybrid { socket: paths.vsock(), port: DEFAULT_AGENT_PORT };
-        let agent = AgentClient::connect(&api, AGENT_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
+        // Under a burst of starts a restored guest can take long to accept
+        // its first connection: it gets the readiness budget, not a call's.
+        let agent = AgentClient::connect(&api, timeout.max(AGENT_CALL_TIMEOUT)).await.map_err(|e| e.to_string())?;
         let mut entropy = vec![0u8; 32];
         getrandom::getrandom(&mut entropy).map_err(|e| format!("getrandom: {e}"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

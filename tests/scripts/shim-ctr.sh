@@ -532,20 +532,29 @@ if has net; then
     check "net: the guest's eth0 has the veth's MAC" "$veth_mac" "$out"
     out="$("${CTR[@]}" task exec --exec-id r net1 ip route </dev/null 2>&1)"
     check_contains "net: the default route" "default via 10.200.1.1" "$out"
-    out="$("${CTR[@]}" task exec --exec-id p net1 ping -c 2 -W 5 10.200.1.1 </dev/null 2>&1)"
+    # (The guest kernel has no POSIX timers: ping's own -W does not bound it.)
+    out="$(timeout 60 "${CTR[@]}" task exec --exec-id p net1 ping -c 2 10.200.1.1 </dev/null 2>&1)"
     check_contains "net: the pod pings the peer" " 0% packet loss" "$out"
-    out="$("${CTR[@]}" task exec --exec-id w net1 wget -q -T 10 -O - http://10.200.1.1:8081/peer.txt </dev/null 2>&1)"
+    if [ "$fails" -gt 0 ]; then
+        echo "--- net: links and tc counters in the pod's namespace ---" >&2
+        ip -n "$ns" -s link >&2
+        tc -n "$ns" -s filter show dev eth0 ingress >&2
+        tc -n "$ns" -s filter show dev hulltap0 ingress >&2
+        ip -s link show hullpeer0 >&2
+        pod_logs
+    fi
+    out="$(timeout 60 "${CTR[@]}" task exec --exec-id w net1 wget -q -O - http://10.200.1.1:8081/peer.txt </dev/null 2>&1)"
     check "net: the pod fetches from the peer (TCP)" "from-peer" "$out"
-    out="$(timeout 30 busybox wget -q -T 10 -O - http://10.200.1.2:8080/pod.txt 2>&1)"
+    out="$(timeout 60 busybox wget -q -T 10 -O - http://10.200.1.2:8080/pod.txt 2>&1)"
     check "net: the peer fetches from a server in the pod (TCP)" "from-pod" "$out"
     check "net: the tap is in the pod's namespace" 1 "$(ip -n "$ns" -o link show | grep -c hulltap0)"
     check "net: no tap in the host's namespace" 0 "$(ip -o link show | grep -c hulltap0)"
     # Round trip and throughput (20 MiB over HTTP from the peer), pod vs a
     # plain namespace on the same veth (runc's model), same lab run:
     # figures for README, not checks.
-    rtt_pod="$("${CTR[@]}" task exec --exec-id rtt net1 ping -c 20 -i 0.2 -q 10.200.1.1 </dev/null 2>&1 | sed -n 's/.*= [0-9.]*\/\([0-9.]*\)\/.*/\1/p')"
+    rtt_pod="$(timeout 60 "${CTR[@]}" task exec --exec-id rtt net1 ping -c 20 -i 0.2 -q 10.200.1.1 </dev/null 2>&1 | sed -n 's/.*= [0-9.]*\/\([0-9.]*\)\/.*/\1/p')"
     t0=$(date +%s%N)
-    out="$("${CTR[@]}" task exec --exec-id tput net1 sh -c 'wget -q -O - http://10.200.1.1:8081/big | wc -c' </dev/null 2>&1)"
+    out="$(timeout 120 "${CTR[@]}" task exec --exec-id tput net1 sh -c 'wget -q -O - http://10.200.1.1:8081/big | wc -c' </dev/null 2>&1)"
     tput_pod_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
     check "net: 20 MiB from the peer over TCP" 20971520 "$out"
     "${CTR[@]}" task kill -s SIGKILL net1

@@ -19,6 +19,11 @@ const MODULES: &[&str] = &[
     "kvm-amd",
     "vhost_vsock",
     "tun",
+    // Pod networks in tests: veth pairs joined to taps with tc.
+    "veth",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
     "fuse",
     "loop",
     "crc32c_generic",
