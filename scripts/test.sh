@@ -17,9 +17,16 @@ if [[ -n "$cache" && ! -e target ]]; then
     ln -s "$cache" target
     echo "test: cargo target directory: $cache (shared between clones)" >&2
 fi
+# The fuzz targets' build likewise.
+if [[ -n "$cache" && ! -e fuzz/target ]]; then
+    mkdir -p "$cache-fuzz"
+    ln -s "$cache-fuzz" fuzz/target
+fi
 scripts/build.sh
 . target/hull-artifacts.env
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Every fuzz target briefly (fuzz/README.md): a crash fails the run.
+fuzz/run.sh 5
