@@ -14,7 +14,7 @@ use crate::mounts;
 use crate::pod::Resources;
 use hull_agent_api::proto::agent::SetupSandboxRequest;
 use hull_agent_api::{AgentAddr, AgentClient, DEFAULT_AGENT_PORT, DEFAULT_STDIO_PORT, READY_MARKER};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -642,8 +642,21 @@ impl Sandbox {
 
         let api = AgentAddr::Hybrid { socket: paths.vsock(), port: DEFAULT_AGENT_PORT };
         // Under a burst of starts a restored guest can take long to accept
-        // its first connection: it gets the readiness budget, not a call's.
-        let agent = AgentClient::connect(&api, timeout.max(AGENT_CALL_TIMEOUT)).await.map_err(|e| e.to_string())?;
+        // its first connection (it gets the readiness budget, not a call's),
+        // and right after a restore the vsock device may still refuse or drop a
+        // connection (it holds host connections until the guest has taken
+        // the transport reset, bounded): retry until the deadline.
+        let deadline = tokio::time::Instant::now() + timeout.max(AGENT_CALL_TIMEOUT);
+        let agent = loop {
+            match AgentClient::connect(&api, AGENT_CALL_TIMEOUT).await {
+                Ok(a) => break a,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!("pod {}: connecting to the agent: {e}; retrying", spec.id);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
         let mut entropy = vec![0u8; 32];
         getrandom::getrandom(&mut entropy).map_err(|e| format!("getrandom: {e}"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -155,11 +155,22 @@ fn processes(prog: &str, needle: &str) -> Vec<(u32, String)> {
             raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let Some(argv0) = args.first() else { continue };
         let line = args.join(" ");
-        if argv0.ends_with(prog) && line.contains(needle) {
+        if argv0.ends_with(prog) && line.contains(needle) && !parent_is(pid, prog) {
             out.push((pid, line));
         }
     }
     out
+}
+
+/// Whether `pid`'s parent runs `prog` too: a jailed hull-vmm is the child
+/// of the hull-vmm the shim started (its PID namespace's parent); one VM
+/// counts once.
+fn parent_is(pid: u32, prog: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let Some(ppid) = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)) else { return false };
+    std::fs::read(format!("/proc/{ppid}/cmdline"))
+        .map(|raw| raw.split(|b| *b == 0).next().is_some_and(|a| String::from_utf8_lossy(a).ends_with(prog)))
+        .unwrap_or(false)
 }
 
 /// Polls `f` until it returns true or `tmo` passes.
