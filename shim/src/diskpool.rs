@@ -55,6 +55,9 @@ fn pid_alive(pid: i32) -> bool {
     pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
+/// How often [`DiskPool::take`] makes an image before giving up.
+const MAKE_ATTEMPTS: usize = 8;
+
 impl DiskPool {
     pub fn new(dir: PathBuf, size_mib: u64, target: usize) -> Result<DiskPool, String> {
         let mkfs = find_mkfs().ok_or("mkfs.ext4 not found (install e2fsprogs)")?;
@@ -143,9 +146,17 @@ impl DiskPool {
                 Err(e) => return Err(format!("move {} to {}: {e}", p.display(), dest.display())),
             }
         }
-        let p = self.make_one()?;
-        fs::rename(&p, dest).map_err(|e| format!("move {} to {}: {e}", p.display(), dest.display()))?;
-        Ok(Taken::MadeNow)
+        // A made image is in the pool as soon as it is ready, so under a
+        // burst another shim may take it first: make another.
+        for _ in 0..MAKE_ATTEMPTS {
+            let p = self.make_one()?;
+            match fs::rename(&p, dest) {
+                Ok(()) => return Ok(Taken::MadeNow),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("move {} to {}: {e}", p.display(), dest.display())),
+            }
+        }
+        Err(format!("disk pool {}: every image made for this pod was taken by another", self.dir.display()))
     }
 
     /// Brings the pool up to its target size; returns how many images were

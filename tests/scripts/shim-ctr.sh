@@ -420,9 +420,11 @@ if has cri; then
     check "cri: no tasks left" 0 "$("${CTR[@]}" -n k8s.io task ls 2>/dev/null | awk 'NR>1' | wc -l)"
     find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort >"$work/cgroups.after"
     # The namespace-level parent (/sys/fs/cgroup/k8s.io, made for the pod's
-    # cgroupsPath /k8s.io/<id>) stays, as runc leaves it; nothing below it may.
+    # cgroupsPath /k8s.io/<id>) stays, as runc leaves it, and so does hull's
+    # cgroup pool if this was the first pod; nothing else may.
     check "cri: no cgroups left" "" \
-        "$(comm -13 "$work/cgroups.before" "$work/cgroups.after" | grep -vx '/sys/fs/cgroup/k8s.io' | tr '\n' ' ')"
+        "$(comm -13 "$work/cgroups.before" "$work/cgroups.after" | grep -vx '/sys/fs/cgroup/k8s.io' \
+            | grep -vx '/sys/fs/cgroup/hull\(/pool-[0-9a-f]*\)\?' | tr '\n' ' ')"
     check "cri: no mounts left under containerd's root and state" 0 \
         "$(grep -c -e " $HULL_CTRD_DIR/root/" -e " $HULL_CTRD_DIR/state/" /proc/self/mountinfo)"
     nothing_left cri
