@@ -3,12 +3,17 @@
 use crate::arch::x86_64::layout::KVM_TSS_ADDR;
 use crate::devices::virtio::GuestMemory;
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_reinject_control, kvm_userspace_memory_region,
+    KVMIO, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_io_nr;
+
+// Not wrapped by kvm-ioctls. `_IO` although it takes a pointer, as in the kernel.
+ioctl_io_nr!(KVM_REINJECT_CONTROL, KVMIO, 0x71);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -95,6 +100,22 @@ impl Vm {
         self.fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         self.fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        self.drop_missed_pit_ticks()
+    }
+
+    /// By default KVM re-delivers every PIT tick the guest missed, one
+    /// period at a time: after the host stalls (an overloaded host, or the
+    /// lab's emulated CPU) a periodic PIT then fires back to back and the
+    /// catch-up can keep a host CPU busy for good (seen as a soft lockup
+    /// of the kvm-pit thread in CI). Linux guests keep time from the TSC /
+    /// kvm-clock, so missed ticks are dropped instead.
+    fn drop_missed_pit_ticks(&self) -> Result<(), VmError> {
+        let ctl = kvm_reinject_control { pit_reinject: 0, ..Default::default() };
+        // SAFETY: the ioctl reads a `kvm_reinject_control` that outlives the call.
+        let r = unsafe { ioctl_with_ref(&self.fd, KVM_REINJECT_CONTROL(), &ctl) };
+        if r < 0 {
+            return Err(VmError::Kvm { what: "KVM_REINJECT_CONTROL", source: kvm_ioctls::Error::last() });
+        }
         Ok(())
     }
 
