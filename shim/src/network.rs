@@ -11,7 +11,8 @@
 //!   (`action mirred egress redirect`);
 //! - hull-vmm gets the tap as an inherited fd (`--net fd=N`); when hull-vmm
 //!   exits the tap goes with it (it is not persistent), and so do its
-//!   filters;
+//!   filters; the shim then takes the interface's ingress qdisc off
+//!   (`detach`), leaving the namespace as CNI made it;
 //! - the agent gets the interface's MAC, address, MTU and the namespace's
 //!   IPv4 routes, and gives them to the guest's NIC (eth0), so the guest
 //!   answers for the pod's IP and MAC exactly as the veth did.
@@ -109,6 +110,29 @@ fn attach_here(netns: &Path) -> Result<Option<PodNetwork>, String> {
         }],
         routes,
     }))
+}
+
+/// Takes the redirect off the CNI interface once the pod's VM is gone (the
+/// tap and its own filter went with hull-vmm; the interface's filter would
+/// otherwise keep dropping what arrives, towards a tap that no longer
+/// exists). A namespace CNI already removed needs nothing.
+pub fn detach(netns: &Path, iface: &str) -> Result<(), String> {
+    let (netns, iface) = (netns.to_path_buf(), iface.to_string());
+    std::thread::spawn(move || {
+        let Ok(ns) = File::open(&netns) else { return Ok(()) };
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("joining the pod network namespace {}: {e}", netns.display()))?;
+        if !has_interface(&iface) {
+            return Ok(());
+        }
+        tc(&["qdisc", "del", "dev", &iface, "ingress"])
+    })
+    .join()
+    .map_err(|_| "the pod network thread panicked".to_string())?
+}
+
+fn has_interface(name: &str) -> bool {
+    nix::net::if_::if_nametoindex(name).is_ok()
 }
 
 /// `tc ARGS` (iproute2), run from this thread so it acts in its namespace.
@@ -277,8 +301,19 @@ mod tests {
         let links = Command::new("ip").args(["-n", &name, "-o", "link"]).output().unwrap();
         assert!(!String::from_utf8_lossy(&links.stdout).contains(TAP_NAME));
         // A second pod in the same namespace replaces the first one's redirect.
-        let again = attach(Path::new(&format!("/var/run/netns/{name}")));
+        let ns = format!("/var/run/netns/{name}");
+        let again = attach(Path::new(&ns));
+        // Detach after the VM (the tap's fd) is gone: no qdisc left on eth0.
+        let again = again.unwrap().expect("an interface");
+        drop(again.tap);
+        let detached = detach(Path::new(&ns), "eth0");
+        let qdiscs = Command::new("tc").args(["-n", &name, "qdisc", "show", "dev", "eth0"]).output().unwrap();
         sh(&format!("ip netns del {name}"));
-        assert_eq!(again.unwrap().expect("an interface").iface, "eth0");
+        assert_eq!(again.iface, "eth0");
+        detached.unwrap();
+        let q = String::from_utf8_lossy(&qdiscs.stdout);
+        assert!(!q.contains("ingress"), "{q}");
+        // A namespace CNI already removed: nothing to do.
+        detach(Path::new(&ns), "eth0").unwrap();
     }
 }

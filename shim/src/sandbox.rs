@@ -202,6 +202,8 @@ pub struct Sandbox {
     next_slot: AtomicUsize,
     shutting_down: AtomicBool,
     oom_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The pod network namespace and the CNI interface joined to the tap.
+    network: Option<(PathBuf, String)>,
 }
 
 /// Processes and mounts of a pod being started, undone on failure.
@@ -589,6 +591,7 @@ impl Sandbox {
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
         // hull-vmm holds the tap now: it goes when hull-vmm does.
+        let network = net.as_ref().zip(spec.netns.clone()).map(|(n, ns)| (ns, n.iface.clone()));
         let (interfaces, routes) = net.map(|n| (n.interfaces, n.routes)).unwrap_or_default();
         write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
         partial.vmm = Some(vmm);
@@ -703,6 +706,7 @@ impl Sandbox {
             next_slot: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             oom_task: Mutex::new(None),
+            network,
             paths,
         })
     }
@@ -770,6 +774,13 @@ impl Sandbox {
         // still tells `delete` to clean up.
         let cg = self.cgroup.lock().unwrap().take();
         remove_cgroup(cg).await;
+        if let Some((ns, iface)) = self.network.clone() {
+            match tokio::task::spawn_blocking(move || crate::network::detach(&ns, &iface)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!("pod {}: {e}", self.id),
+                Err(e) => warn!("pod {}: detaching the network: {e}", self.id),
+            }
+        }
         let dir = self.paths.dir.clone();
         let _ = tokio::task::spawn_blocking(move || remove_state_dir(&dir)).await;
         info!("pod {}: shut down", self.id);

@@ -67,9 +67,8 @@ struct Cli {
     seccomp: String,
 }
 
-/// Whether filters are on unless --seccomp says otherwise. Off until the
-/// lab suites (hull-tests vmm, agent, shim) have passed with them on.
-const SECCOMP_DEFAULT: &str = "off";
+/// Whether filters are on unless --seccomp says otherwise (docs/security.md).
+const SECCOMP_DEFAULT: &str = "on";
 
 /// Log lines to stderr at the level named by RUST_LOG (error, warn, info,
 /// debug, trace; default warn): the shim keeps hull-vmm's stderr in its log.

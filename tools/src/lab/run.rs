@@ -159,7 +159,9 @@ impl Lab {
             .arg(&self.kernel.vmlinuz)
             .arg("-initrd")
             .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+            // loglevel 5: warnings and the stack traces that come with them
+            // (a soft lockup's shows where the lab's kernel is stuck).
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=5"])
             .arg("-chardev")
             .arg(format!("file,id=con,path={}", console.display()))
             .args(["-serial", "chardev:con"])
@@ -193,7 +195,7 @@ impl Lab {
                 break Some(st);
             }
         };
-        let tail = || tail_lines(&console, 40);
+        let tail = || tail_lines(&console, 80);
         let Some(qemu_status) = exited else {
             return Err(LabError::Timeout { after: cmd.timeout, console_tail: tail() }.into());
         };
