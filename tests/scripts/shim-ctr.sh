@@ -552,8 +552,8 @@ if has net; then
     check "net: the guest's eth0 has the veth's MAC" "$veth_mac" "$out"
     out="$("${CTR[@]}" task exec --exec-id r net1 ip route </dev/null 2>&1)"
     check_contains "net: the default route" "default via 10.200.1.1" "$out"
-    # (No ping: the guest kernel has no POSIX timers, which busybox ping
-    # needs to pace its packets.)
+    out="$(timeout 60 "${CTR[@]}" task exec --exec-id p net1 ping -c 1 -W 10 10.200.1.1 </dev/null 2>&1)"
+    check_contains "net: the pod pings the peer" "1 packets received" "$out"
     out="$(timeout 60 "${CTR[@]}" task exec --exec-id w net1 wget -q -O - http://10.200.1.1:8081/peer.txt </dev/null 2>&1)"
     check "net: the pod fetches from the peer (TCP)" "from-peer" "$out"
     # The peer connects to a server in the pod. (bash's /dev/tcp: busybox
