@@ -26,6 +26,7 @@ fn build_template() -> Result<(), String> {
         vcpus: cfg.defaults.vcpus,
         mem_mib: cfg.defaults.mem_mib,
         disk_slots: cfg.defaults.disks_per_pod as usize,
+        nics: 1,
     };
     let t = std::time::Instant::now();
     let dir = hull_shim::template::ensure(&cfg, shape)?;

@@ -4,40 +4,58 @@
 //!
 //! - the sandbox's OCI spec names the namespace (`linux.namespaces`, type
 //!   `network`, its `path`); without a path the pod has loopback only;
-//! - in that namespace (on a thread that joined it) the shim finds the
-//!   first interface with an IPv4 address (CNI's veth), creates a tap
-//!   `hulltap0` next to it, and joins the two with tc: an ingress qdisc on
-//!   each and a filter redirecting every frame to the other's egress
+//! - in that namespace (on a thread that joined it) the shim finds every
+//!   interface with an IPv4 address (CNI's veths), creates a tap
+//!   `hulltapN` next to each, and joins each pair with tc: an ingress qdisc
+//!   on each and a filter redirecting every frame to the other's egress
 //!   (`action mirred egress redirect`);
-//! - hull-vmm gets the tap as an inherited fd (`--net fd=N`); when hull-vmm
-//!   exits the tap goes with it (it is not persistent), and so do its
-//!   filters; the shim then takes the interface's ingress qdisc off
-//!   (`detach`), leaving the namespace as CNI made it;
-//! - the agent gets the interface's MAC, address, MTU and the namespace's
-//!   IPv4 routes, and gives them to the guest's NIC (eth0), so the guest
-//!   answers for the pod's IP and MAC exactly as the veth did.
+//! - hull-vmm gets the taps as inherited fds (`--net fd=N`, the guest's
+//!   eth0, eth1, ... in order); when hull-vmm exits the taps go with it
+//!   (they are not persistent), and so do their filters; the shim then
+//!   takes the interfaces' ingress qdiscs off (`detach`), leaving the
+//!   namespace as CNI made it;
+//! - the agent gets each interface's MAC, address, MTU and the namespace's
+//!   IPv4 routes, and gives them to the guest's NICs, so the guest answers
+//!   for the pod's IPs and MACs exactly as the veths did;
+//! - the file the sandbox's spec mounts at /etc/resolv.conf (CRI's, from
+//!   the pod's DNS config) gives the guest's own resolver settings.
 
 use hull_agent_api::proto::agent::{Interface, Route};
 use serde_json::Value;
 use std::fs::File;
+use std::io::Read;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The tap made in the pod's namespace.
-pub const TAP_NAME: &str = "hulltap0";
-/// The guest's NIC.
-pub const GUEST_IFACE: &str = "eth0";
+/// The taps made in the pod's namespace: `hulltap0`, `hulltap1`, ...
+pub fn tap_name(i: usize) -> String {
+    format!("hulltap{i}")
+}
+/// The guest's NIC for the pod's `i`th interface (the VM's `i`th virtio-net
+/// device, in the order of hull-vmm's `--net` arguments).
+pub fn guest_iface(i: usize) -> String {
+    format!("eth{i}")
+}
+/// Interfaces handed to one pod at most (the agent's limit is higher).
+pub const MAX_LINKS: usize = 8;
 
-/// The pod's network, set up and ready to hand over.
+/// One CNI interface joined to its tap.
 #[derive(Debug)]
-pub struct PodNetwork {
+pub struct Link {
     /// The open tap (close-on-exec; the child that gets it clears that).
     pub tap: File,
     /// The CNI interface it is joined to.
     pub iface: String,
     pub mac: String,
+}
+
+/// The pod's network, set up and ready to hand over.
+#[derive(Debug)]
+pub struct PodNetwork {
+    /// In the guest's NIC order.
+    pub links: Vec<Link>,
     pub interfaces: Vec<Interface>,
     pub routes: Vec<Route>,
 }
@@ -47,6 +65,73 @@ pub fn netns_path(spec: &Value) -> Option<PathBuf> {
     spec.get("linux")?.get("namespaces")?.as_array()?.iter().find_map(|n| {
         (n.get("type")?.as_str()? == "network").then(|| n.get("path")?.as_str().map(PathBuf::from)).flatten()
     })
+}
+
+/// What a sandbox's spec says about its network.
+#[derive(Debug, Clone, Default)]
+pub struct NetSpec {
+    /// CNI's network namespace, if the spec names one.
+    pub netns: Option<PathBuf>,
+    /// The resolver settings of its /etc/resolv.conf mount, if it has one.
+    pub dns: Option<Dns>,
+}
+
+impl NetSpec {
+    pub fn of(spec: &Value) -> NetSpec {
+        NetSpec { netns: netns_path(spec), dns: dns_of(spec) }
+    }
+}
+
+/// The pod's resolver settings, for the guest's own /etc/resolv.conf.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dns {
+    pub servers: Vec<String>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// The resolver settings of the file a spec mounts at /etc/resolv.conf
+/// (CRI's sandbox spec does, from the pod's DNS config). Entries the agent
+/// would refuse are left out with a warning, so a resolv.conf the host
+/// wrote oddly never fails the pod; containers get the file itself anyway.
+pub fn dns_of(spec: &Value) -> Option<Dns> {
+    let source = spec.get("mounts")?.as_array()?.iter().find_map(|m| {
+        (m.get("destination")?.as_str()? == "/etc/resolv.conf").then(|| m.get("source")?.as_str()).flatten()
+    })?;
+    let mut text = String::new();
+    // A resolv.conf is small; read at most 64 KiB of whatever the spec names.
+    if let Err(e) = File::open(source).and_then(|f| f.take(64 << 10).read_to_string(&mut text)) {
+        log::warn!("resolv.conf mount {source}: {e}; the guest gets no DNS settings");
+        return None;
+    }
+    Some(parse_resolv_conf(&text))
+}
+
+/// nameserver / search / options lines, within the agent's limits.
+pub fn parse_resolv_conf(text: &str) -> Dns {
+    use hull_agent_api::validate::{
+        check_dns_option, check_search_domain, MAX_DNS_OPTIONS, MAX_DNS_SEARCH, MAX_NAMESERVERS,
+    };
+    let mut dns = Dns::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                if let Some(ip) = words.next().filter(|w| w.parse::<std::net::IpAddr>().is_ok()) {
+                    if dns.servers.len() < MAX_NAMESERVERS {
+                        dns.servers.push(ip.to_string());
+                    }
+                }
+            }
+            // The last search line wins, as in the resolver.
+            Some("search") => dns.search = words.filter(|d| check_search_domain(d).is_ok()).map(String::from).collect(),
+            Some("options") => dns.options.extend(words.filter(|o| check_dns_option(o).is_ok()).map(String::from)),
+            _ => {}
+        }
+    }
+    dns.search.truncate(MAX_DNS_SEARCH);
+    dns.options.truncate(MAX_DNS_OPTIONS);
+    dns
 }
 
 /// What was found in the namespace: an interface to hand over.
@@ -75,41 +160,44 @@ fn attach_here(netns: &Path) -> Result<Option<PodNetwork>, String> {
     let ns = File::open(netns).map_err(|e| format!("pod network namespace {}: {e}", netns.display()))?;
     nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|e| format!("joining the pod network namespace {}: {e}", netns.display()))?;
-    let Some(found) = find_interface()? else { return Ok(None) };
-    let routes = routes_of(
-        &std::fs::read_to_string("/proc/thread-self/net/route").map_err(|e| format!("reading routes: {e}"))?,
-        &found.iface,
-    );
-    let tap = hull_vmm::devices::virtio::net::tap::Tap::open(TAP_NAME)
-        .map_err(|e| format!("creating tap {TAP_NAME} in {}: {e}", netns.display()))?
-        .into_file()
-        .map_err(|e| format!("tap {TAP_NAME}: {e}"))?;
-    let ctl = ctl_socket()?;
-    set_mtu(&ctl, TAP_NAME, found.mtu)?;
-    set_up(&ctl, TAP_NAME)?;
-    // A pod that ran in this namespace before left its redirect behind.
-    let _ = tc(&["qdisc", "del", "dev", &found.iface, "ingress"]);
-    for (from, to) in [(found.iface.as_str(), TAP_NAME), (TAP_NAME, found.iface.as_str())] {
-        tc(&["qdisc", "add", "dev", from, "ingress"])?;
-        tc(&[
-            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match", "u8", "0", "0",
-            "action", "mirred", "egress", "redirect", "dev", to,
-        ])?;
+    let found = find_interfaces()?;
+    if found.is_empty() {
+        return Ok(None);
     }
-    let mac = fmt_mac(&found.mac);
-    Ok(Some(PodNetwork {
-        tap,
-        iface: found.iface.clone(),
-        mac: mac.clone(),
-        interfaces: vec![Interface {
-            name: GUEST_IFACE.into(),
-            mac,
-            addresses: vec![format!("{}/{}", found.addr, found.prefix)],
-            mtu: found.mtu,
+    let table = std::fs::read_to_string("/proc/thread-self/net/route").map_err(|e| format!("reading routes: {e}"))?;
+    let ctl = ctl_socket()?;
+    let mut net = PodNetwork { links: Vec::new(), interfaces: Vec::new(), routes: Vec::new() };
+    for (i, f) in found.iter().enumerate() {
+        let (tap_name, guest) = (tap_name(i), guest_iface(i));
+        let tap = hull_vmm::devices::virtio::net::tap::Tap::open(&tap_name)
+            .map_err(|e| format!("creating tap {tap_name} in {}: {e}", netns.display()))?
+            .into_file()
+            .map_err(|e| format!("tap {tap_name}: {e}"))?;
+        set_mtu(&ctl, &tap_name, f.mtu)?;
+        set_up(&ctl, &tap_name)?;
+        // A pod that ran in this namespace before left its redirect behind.
+        let _ = tc(&["qdisc", "del", "dev", &f.iface, "ingress"]);
+        for (from, to) in [(f.iface.as_str(), tap_name.as_str()), (tap_name.as_str(), f.iface.as_str())] {
+            tc(&["qdisc", "add", "dev", from, "ingress"])?;
+            tc(&[
+                "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match", "u8", "0", "0",
+                "action", "mirred", "egress", "redirect", "dev", to,
+            ])?;
+        }
+        let mac = fmt_mac(&f.mac);
+        net.interfaces.push(Interface {
+            name: guest.clone(),
+            mac: mac.clone(),
+            addresses: vec![format!("{}/{}", f.addr, f.prefix)],
+            mtu: f.mtu,
             ..Default::default()
-        }],
-        routes,
-    }))
+        });
+        net.routes.extend(routes_of(&table, &f.iface, &guest));
+        net.links.push(Link { tap, iface: f.iface.clone(), mac });
+    }
+    // On-link routes first: a gateway must be reachable when its route is added.
+    net.routes.sort_by_key(|r| !r.gateway.is_empty());
+    Ok(Some(net))
 }
 
 /// Takes the redirect off the CNI interface once the pod's VM is gone (the
@@ -144,12 +232,15 @@ fn tc(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// The first interface but loopback with an IPv4 address, its MAC and MTU.
-fn find_interface() -> Result<Option<Found>, String> {
+/// Every interface but loopback (and hull's own taps) with an IPv4
+/// address: its first address, MAC and MTU, in the kernel's order.
+fn find_interfaces() -> Result<Vec<Found>, String> {
     let addrs: Vec<_> = nix::ifaddrs::getifaddrs().map_err(|e| format!("listing interfaces: {e}"))?.collect();
     let ctl = ctl_socket()?;
+    let mut found: Vec<Found> = Vec::new();
     for a in &addrs {
-        if a.interface_name == "lo" || a.interface_name == TAP_NAME {
+        let name = &a.interface_name;
+        if name == "lo" || name.starts_with("hulltap") || found.iter().any(|f| &f.iface == name) {
             continue;
         }
         let Some(ip) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()).map(|s| s.ip()) else { continue };
@@ -161,17 +252,21 @@ fn find_interface() -> Result<Option<Found>, String> {
             .unwrap_or(32);
         let mac = addrs
             .iter()
-            .filter(|l| l.interface_name == a.interface_name)
+            .filter(|l| &l.interface_name == name)
             .find_map(|l| l.address.as_ref()?.as_link_addr()?.addr())
-            .ok_or_else(|| format!("interface {} has no MAC address", a.interface_name))?;
-        let mtu = get_mtu(&ctl, &a.interface_name)?;
-        return Ok(Some(Found { iface: a.interface_name.clone(), mac, addr: ip, prefix, mtu }));
+            .ok_or_else(|| format!("interface {name} has no MAC address"))?;
+        if found.len() == MAX_LINKS {
+            return Err(format!("the pod network namespace has more than {MAX_LINKS} interfaces with IPv4"));
+        }
+        let mtu = get_mtu(&ctl, name)?;
+        found.push(Found { iface: name.clone(), mac, addr: ip, prefix, mtu });
     }
-    Ok(None)
+    Ok(found)
 }
 
-/// The IPv4 routes out of `iface` in /proc/net/route text, for the guest's NIC.
-pub fn routes_of(table: &str, iface: &str) -> Vec<Route> {
+/// The IPv4 routes out of `iface` in /proc/net/route text, for the guest's
+/// NIC `guest`.
+pub fn routes_of(table: &str, iface: &str, guest: &str) -> Vec<Route> {
     let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(|v| Ipv4Addr::from(u32::from_be(v)));
     let mut routes = Vec::new();
     for line in table.lines().skip(1) {
@@ -184,12 +279,10 @@ pub fn routes_of(table: &str, iface: &str) -> Vec<Route> {
         routes.push(Route {
             destination: if prefix == 0 { "default".into() } else { format!("{dest}/{prefix}") },
             gateway: if gw.is_unspecified() { String::new() } else { gw.to_string() },
-            device: GUEST_IFACE.into(),
+            device: guest.into(),
             ..Default::default()
         });
     }
-    // On-link routes first: a gateway must be reachable when its route is added.
-    routes.sort_by_key(|r| !r.gateway.is_empty());
     routes
 }
 
@@ -261,58 +354,98 @@ mod tests {
                      eth0\t00000000\t0101C80A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
                      eth0\t0001C80A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                      other\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n";
-        let r = routes_of(table, "eth0");
+        let r = routes_of(table, "eth0", "eth1");
         let got: Vec<_> = r.iter().map(|r| (r.destination.as_str(), r.gateway.as_str(), r.device.as_str())).collect();
-        assert_eq!(got, [("10.200.1.0/24", "", "eth0"), ("default", "10.200.1.1", "eth0")]);
+        assert_eq!(got, [("default", "10.200.1.1", "eth1"), ("10.200.1.0/24", "", "eth1")]);
     }
 
-    /// In a namespace of its own: a veth with an address gives a tap joined
-    /// to it with tc both ways, and the agent's view of it. Needs root and tc.
     #[test]
-    fn attaches_a_tap_to_the_pod_interface() {
+    fn resolv_conf_within_the_agents_limits() {
+        let d = parse_resolv_conf(
+            "# comment\nnameserver 10.96.0.10\nnameserver fd00::a\nnameserver bogus\nnameserver 1.1.1.1\n\
+             nameserver 8.8.8.8\nsearch old.example\nsearch default.svc.cluster.local cluster.local bad/dom\n\
+             options ndots:5 edns0\n",
+        );
+        assert_eq!(d.servers, ["10.96.0.10", "fd00::a", "1.1.1.1"]);
+        assert_eq!(d.search, ["default.svc.cluster.local", "cluster.local"]);
+        assert_eq!(d.options, ["ndots:5", "edns0"]);
+        assert_eq!(parse_resolv_conf(""), Dns::default());
+    }
+
+    #[test]
+    fn dns_from_the_specs_resolv_conf_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("resolv.conf");
+        std::fs::write(&f, "nameserver 10.0.0.10\nsearch svc.local\n").unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/etc/hosts", "source": "/nonexistent", "type": "bind"},
+            {"destination": "/etc/resolv.conf", "source": f, "type": "bind", "options": ["rbind", "ro"]}
+        ]});
+        let d = dns_of(&spec).unwrap();
+        assert_eq!(d.servers, ["10.0.0.10"]);
+        assert_eq!(d.search, ["svc.local"]);
+        assert_eq!(dns_of(&serde_json::json!({"mounts": []})), None);
+        let missing = serde_json::json!({"mounts": [{"destination": "/etc/resolv.conf", "source": "/nonexistent/r"}]});
+        assert_eq!(dns_of(&missing), None);
+    }
+
+    /// In a namespace of its own: two veths with addresses give two taps,
+    /// each joined to its veth with tc both ways, and the agent's view of
+    /// them (eth0, eth1 in order). Needs root and tc.
+    #[test]
+    fn attaches_a_tap_to_each_pod_interface() {
         if !nix::unistd::geteuid().is_root() || Command::new("tc").arg("-V").output().is_err() {
             eprintln!("skipped: needs root and tc");
             return;
         }
         let name = format!("hull-net-test-{}", std::process::id());
+        let ns = format!("/var/run/netns/{name}");
         let sh = |c: &str| {
             let st = Command::new("sh").args(["-c", c]).status().unwrap();
             assert!(st.success(), "{c}");
         };
+        let out = |args: &[&str]| {
+            String::from_utf8_lossy(&Command::new(args[0]).args(&args[1..]).output().unwrap().stdout).into_owned()
+        };
         sh(&format!(
             "ip netns add {name} && ip -n {name} link add eth0 type veth peer name peer0 && \
+             ip -n {name} link add net1 type veth peer name peer1 && \
              ip -n {name} addr add 10.200.9.2/24 dev eth0 && ip -n {name} link set eth0 up && \
-             ip -n {name} link set peer0 up && ip -n {name} route add default via 10.200.9.1"
+             ip -n {name} addr add 10.201.9.2/24 dev net1 && ip -n {name} link set net1 up && \
+             ip -n {name} link set peer0 up && ip -n {name} link set peer1 up && \
+             ip -n {name} route add default via 10.200.9.1"
         ));
-        let r = attach(Path::new(&format!("/var/run/netns/{name}")));
-        let links = Command::new("ip").args(["-n", &name, "-o", "link"]).output().unwrap();
-        let filters =
-            Command::new("tc").args(["-n", &name, "filter", "show", "dev", "eth0", "ingress"]).output().unwrap();
-        let net = r.unwrap().expect("an interface");
-        assert_eq!(net.iface, "eth0");
-        assert_eq!(net.interfaces[0].addresses, ["10.200.9.2/24"]);
-        assert_eq!(net.interfaces[0].name, GUEST_IFACE);
-        assert!(net.routes.iter().any(|r| r.destination == "default" && r.gateway == "10.200.9.1"));
-        assert!(String::from_utf8_lossy(&links.stdout).contains(TAP_NAME));
-        let f = String::from_utf8_lossy(&filters.stdout);
-        assert!(f.contains("mirred") && f.contains(TAP_NAME), "{f}");
-        // The tap lives as long as its fd.
+        let r = attach(Path::new(&ns));
+        let links = out(&["ip", "-n", &name, "-o", "link"]);
+        let filters: Vec<String> =
+            ["eth0", "net1"].iter().map(|d| out(&["tc", "-n", &name, "filter", "show", "dev", d, "ingress"])).collect();
+        let net = r.unwrap().expect("interfaces");
+        let ifaces: Vec<_> = net.links.iter().map(|l| l.iface.as_str()).collect();
+        assert_eq!(ifaces, ["eth0", "net1"]);
+        let guest: Vec<_> = net.interfaces.iter().map(|i| (i.name.as_str(), i.addresses[0].as_str())).collect();
+        assert_eq!(guest, [("eth0", "10.200.9.2/24"), ("eth1", "10.201.9.2/24")]);
+        let routes: Vec<_> = net.routes.iter().map(|r| (r.destination.as_str(), r.device.as_str())).collect();
+        assert_eq!(routes, [("10.200.9.0/24", "eth0"), ("10.201.9.0/24", "eth1"), ("default", "eth0")]);
+        assert!(links.contains("hulltap0") && links.contains("hulltap1"), "{links}");
+        assert!(filters[0].contains("mirred") && filters[0].contains("hulltap0"), "{}", filters[0]);
+        assert!(filters[1].contains("mirred") && filters[1].contains("hulltap1"), "{}", filters[1]);
+        // The taps live as long as their fds.
         drop(net);
-        let links = Command::new("ip").args(["-n", &name, "-o", "link"]).output().unwrap();
-        assert!(!String::from_utf8_lossy(&links.stdout).contains(TAP_NAME));
-        // A second pod in the same namespace replaces the first one's redirect.
-        let ns = format!("/var/run/netns/{name}");
-        let again = attach(Path::new(&ns));
-        // Detach after the VM (the tap's fd) is gone: no qdisc left on eth0.
-        let again = again.unwrap().expect("an interface");
-        drop(again.tap);
-        let detached = detach(Path::new(&ns), "eth0");
-        let qdiscs = Command::new("tc").args(["-n", &name, "qdisc", "show", "dev", "eth0"]).output().unwrap();
+        assert!(!out(&["ip", "-n", &name, "-o", "link"]).contains("hulltap"));
+        // A second pod in the same namespace replaces the first one's
+        // redirects; after its VM (the taps' fds) is gone, detach leaves
+        // no qdisc on the interfaces.
+        let again = attach(Path::new(&ns)).unwrap().expect("interfaces");
+        let ifaces: Vec<String> = again.links.iter().map(|l| l.iface.clone()).collect();
+        drop(again);
+        let detached: Vec<_> = ifaces.iter().map(|i| detach(Path::new(&ns), i)).collect();
+        let qdiscs = out(&["tc", "-n", &name, "qdisc", "show"]);
         sh(&format!("ip netns del {name}"));
-        assert_eq!(again.iface, "eth0");
-        detached.unwrap();
-        let q = String::from_utf8_lossy(&qdiscs.stdout);
-        assert!(!q.contains("ingress"), "{q}");
+        assert_eq!(ifaces, ["eth0", "net1"]);
+        for d in detached {
+            d.unwrap();
+        }
+        assert!(!qdiscs.contains("ingress"), "{qdiscs}");
         // A namespace CNI already removed: nothing to do.
         detach(Path::new(&ns), "eth0").unwrap();
     }

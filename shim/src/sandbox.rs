@@ -17,7 +17,7 @@ use hull_agent_api::{AgentAddr, AgentClient, DEFAULT_AGENT_PORT, DEFAULT_STDIO_P
 use log::{debug, error, info, warn};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -185,8 +185,8 @@ pub struct SandboxSpec {
     pub resources: Resources,
     /// The sandbox's `linux.cgroupsPath` (Kubernetes' pod cgroup), if any.
     pub k8s_cgroup: Option<String>,
-    /// The pod's network namespace (CNI's), if the spec names one.
-    pub netns: Option<PathBuf>,
+    /// The pod's network namespace (CNI's) and DNS settings.
+    pub net: crate::network::NetSpec,
 }
 
 pub struct Sandbox {
@@ -202,8 +202,8 @@ pub struct Sandbox {
     next_slot: AtomicUsize,
     shutting_down: AtomicBool,
     oom_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The pod network namespace and the CNI interface joined to the tap.
-    network: Option<(PathBuf, String)>,
+    /// The pod network namespace and the CNI interfaces joined to taps.
+    network: Option<(PathBuf, Vec<String>)>,
 }
 
 /// Processes and mounts of a pod being started, undone on failure.
@@ -302,7 +302,7 @@ pub fn vmm_args(
     paths: &SandboxPaths,
     boot: VmBoot,
     slots: usize,
-    net: Option<std::os::fd::RawFd>,
+    nics: &[Option<RawFd>],
 ) -> Vec<std::ffi::OsString> {
     let mut a: Vec<std::ffi::OsString> = Vec::new();
     match boot {
@@ -334,13 +334,16 @@ pub fn vmm_args(
         let serial = SandboxPaths::disk_serial(slot);
         a.extend(["--disk".into(), format!("{},id={serial}", paths.disk_image(&serial).display()).into()]);
     }
-    // Every VM has one NIC, so a template serves pods with and without a
-    // network: its backend is the pod's tap (an inherited fd) or none.
-    let nic = match net {
-        Some(fd) => format!("fd={fd}"),
-        None => "none".to_string(),
-    };
-    a.extend(["--net".into(), nic.into()]);
+    // Every VM has a NIC at least, so one template serves pods with and
+    // without a network: its backend is the pod's tap (an inherited fd) or
+    // none. A pod with N interfaces gets N NICs (and a template of its own).
+    for nic in nics.iter().chain(nics.is_empty().then_some(&None)) {
+        let nic = match nic {
+            Some(fd) => format!("fd={fd}"),
+            None => "none".to_string(),
+        };
+        a.extend(["--net".into(), nic.into()]);
+    }
     a
 }
 
@@ -518,9 +521,31 @@ impl Sandbox {
             j.give(&sock)?;
         }
 
+        // The pod network (CNI's namespace): a tap joined to each interface.
+        let net = match &spec.net.netns {
+            Some(ns) => {
+                let ns = ns.clone();
+                let n = tokio::task::spawn_blocking(move || crate::network::attach(&ns))
+                    .await
+                    .map_err(|e| e.to_string())??;
+                match &n {
+                    Some(n) => {
+                        for (i, l) in n.links.iter().enumerate() {
+                            let tap = crate::network::tap_name(i);
+                            info!("pod {}: network {} ({}) via tap {tap}", spec.id, l.iface, l.mac);
+                        }
+                    }
+                    None => info!("pod {}: no IPv4 interface in its network namespace: loopback only", spec.id),
+                }
+                n
+            }
+            None => None,
+        };
+        let nics = net.as_ref().map_or(1, |n| n.links.len().max(1));
+
         // A template to restore (built on first use), or a cold boot.
         let snapshot = if cfg.defaults.template {
-            let shape = crate::template::Shape { vcpus: r.vcpus, mem_mib: r.mem_mib, disk_slots: slots };
+            let shape = crate::template::Shape { vcpus: r.vcpus, mem_mib: r.mem_mib, disk_slots: slots, nics };
             let c = cfg.clone();
             let t = std::time::Instant::now();
             let snap = tokio::task::spawn_blocking(move || crate::template::ensure(&c, shape))
@@ -548,33 +573,18 @@ impl Sandbox {
             }
         };
 
-        // The pod network (CNI's namespace): a tap joined to its interface.
-        let net = match &spec.netns {
-            Some(ns) => {
-                let ns = ns.clone();
-                let n = tokio::task::spawn_blocking(move || crate::network::attach(&ns))
-                    .await
-                    .map_err(|e| e.to_string())??;
-                match &n {
-                    Some(n) => {
-                        info!("pod {}: network {} ({}) via tap {}", spec.id, n.iface, n.mac, crate::network::TAP_NAME)
-                    }
-                    None => info!("pod {}: no IPv4 interface in its network namespace: loopback only", spec.id),
-                }
-                n
-            }
-            None => None,
-        };
-
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
         join_cgroup(&mut cmd, &cgroup)?;
-        let tap_fd = net.as_ref().map(|n| n.tap.as_raw_fd());
-        if let Some(fd) = tap_fd {
-            // SAFETY: fcntl on an fd number is async-signal-safe.
+        let tap_fds: Vec<RawFd> = net.iter().flat_map(|n| n.links.iter().map(|l| l.tap.as_raw_fd())).collect();
+        if !tap_fds.is_empty() {
+            let fds = tap_fds.clone();
+            // SAFETY: fcntl on fd numbers is async-signal-safe (no allocation).
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 })
@@ -584,14 +594,18 @@ impl Sandbox {
             Some(snap) => VmBoot::Restore(snap),
             None => VmBoot::Cold { vcpus: r.vcpus, mem_mib: r.mem_mib },
         };
-        cmd.args(vmm_args(cfg, &paths, boot, slots, tap_fd));
+        let nic_fds: Vec<Option<RawFd>> = tap_fds.iter().copied().map(Some).collect();
+        cmd.args(vmm_args(cfg, &paths, boot, slots, &nic_fds));
         if let Some(j) = &jail {
             cmd.arg("--jail").arg(j.arg(&paths.vm()));
         }
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
         // hull-vmm holds the tap now: it goes when hull-vmm does.
-        let network = net.as_ref().zip(spec.netns.clone()).map(|(n, ns)| (ns, n.iface.clone()));
+        let network = net
+            .as_ref()
+            .zip(spec.net.netns.clone())
+            .map(|(n, ns)| (ns, n.links.iter().map(|l| l.iface.clone()).collect::<Vec<_>>()));
         let (interfaces, routes) = net.map(|n| (n.interfaces, n.routes)).unwrap_or_default();
         write_pid(&paths.pid_file("hull-vmm"), vmm.pid)?;
         partial.vmm = Some(vmm);
@@ -677,6 +691,10 @@ impl Sandbox {
                 false
             }
         });
+        let dns = spec.net.dns.clone().unwrap_or_default();
+        if !dns.servers.is_empty() || !dns.search.is_empty() {
+            info!("pod {}: guest DNS: nameservers {:?}, search {:?}", spec.id, dns.servers, dns.search);
+        }
         let req = SetupSandboxRequest {
             sandbox_id: spec.id.clone(),
             hostname: hostname.unwrap_or_default(),
@@ -684,6 +702,9 @@ impl Sandbox {
             wall_clock_unix_nanos: now.as_nanos() as i64,
             interfaces,
             routes,
+            dns_servers: dns.servers,
+            dns_search: dns.search,
+            dns_options: dns.options,
             ..Default::default()
         };
         agent.setup_sandbox(&req).await.map_err(|e| format!("agent SetupSandbox: {e}"))?;
@@ -774,11 +795,14 @@ impl Sandbox {
         // still tells `delete` to clean up.
         let cg = self.cgroup.lock().unwrap().take();
         remove_cgroup(cg).await;
-        if let Some((ns, iface)) = self.network.clone() {
-            match tokio::task::spawn_blocking(move || crate::network::detach(&ns, &iface)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!("pod {}: {e}", self.id),
-                Err(e) => warn!("pod {}: detaching the network: {e}", self.id),
+        if let Some((ns, ifaces)) = self.network.clone() {
+            for iface in ifaces {
+                let ns = ns.clone();
+                match tokio::task::spawn_blocking(move || crate::network::detach(&ns, &iface)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => warn!("pod {}: {e}", self.id),
+                    Err(e) => warn!("pod {}: detaching the network: {e}", self.id),
+                }
             }
         }
         let dir = self.paths.dir.clone();
@@ -830,9 +854,9 @@ mod tests {
     fn template_and_restored_pods_get_the_same_devices() {
         let cfg = Config::default();
         let p = SandboxPaths::new("/run/hull/sb".into());
-        let cold = vmm_args(&cfg, &p, VmBoot::Cold { vcpus: 2, mem_mib: 512 }, 3, None);
+        let cold = vmm_args(&cfg, &p, VmBoot::Cold { vcpus: 2, mem_mib: 512 }, 3, &[None]);
         let snap = Path::new("/run/hull/templates/k");
-        let restored = vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, None);
+        let restored = vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, &[]);
         let s = |v: &[std::ffi::OsString]| v.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
         let (cold, restored) = (s(&cold), s(&restored));
         assert_eq!(&restored[..2], ["--restore", "/run/hull/templates/k"]);
@@ -848,8 +872,11 @@ mod tests {
         assert_eq!(cold.iter().filter(|a| *a == "--disk").count(), 3);
         assert!(cold.contains(&"/run/hull/sb/vm/disks/hullrw2.img,id=hullrw2".to_string()));
         assert_eq!(cold[cold.len() - 2..], ["--net", "none"]);
-        let with_net = s(&vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, Some(7)));
+        let with_net = s(&vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, &[Some(7)]));
         assert_eq!(with_net[with_net.len() - 2..], ["--net", "fd=7"]);
+        // Two pod interfaces: two NICs, in order.
+        let two = s(&vmm_args(&cfg, &p, VmBoot::Restore(snap), 3, &[Some(7), Some(9)]));
+        assert_eq!(two[two.len() - 4..], ["--net", "fd=7", "--net", "fd=9"]);
     }
 
     #[test]

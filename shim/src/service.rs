@@ -249,7 +249,7 @@ impl HullTask {
         annotations: &HashMap<String, String>,
         hostname: Option<String>,
         cgroups_path: Option<String>,
-        netns: Option<std::path::PathBuf>,
+        net: crate::network::NetSpec,
     ) -> TtrpcResult<Arc<Sandbox>> {
         let resources = if pod.role.starts_pod() {
             pod::resources(annotations, &cfg.defaults).map_err(|e| err(Code::INVALID_ARGUMENT, e))?
@@ -263,9 +263,9 @@ impl HullTask {
         // Only a sandbox container's cgroup path is the pod's (a plain `ctr
         // run` container's is its own, which is as good).
         let k8s_cgroup = cgroups_path.filter(|_| pod.role.starts_pod());
-        // Likewise the network namespace: the sandbox's is the pod's.
-        let netns = netns.filter(|_| pod.role.starts_pod());
-        let spec = SandboxSpec { id: pod.sandbox_id.clone(), hostname, resources, k8s_cgroup, netns };
+        // Likewise the network namespace and DNS: the sandbox's are the pod's.
+        let net = if pod.role.starts_pod() { net } else { Default::default() };
+        let spec = SandboxSpec { id: pod.sandbox_id.clone(), hostname, resources, k8s_cgroup, net };
         let sandbox = Arc::new(Sandbox::start(cfg, spec).await.map_err(|e| err(Code::FAILED_PRECONDITION, e))?);
         // OOM events: the agent's long poll, for the VM's lifetime.
         let (task, agent) = (self.clone(), sandbox.agent.clone());
@@ -334,7 +334,7 @@ impl HullTask {
         let spec_json = spec::read_bundle_spec(&bundle).map_err(|e| err(Code::INVALID_ARGUMENT, e))?;
         // Kubernetes' cgroup for the pod (the sandbox's); the host cgroup of its VM goes there.
         let cgroups_path = spec_json.pointer("/linux/cgroupsPath").and_then(|v| v.as_str()).map(str::to_string);
-        let netns = crate::network::netns_path(&spec_json);
+        let net = crate::network::NetSpec::of(&spec_json);
         let guest =
             spec::guest_spec(spec_json, id).map_err(|e| err(Code::INVALID_ARGUMENT, format!("OCI spec: {e}")))?;
         for w in &guest.warnings {
@@ -362,7 +362,7 @@ impl HullTask {
                 ))
             }
             None => {
-                let s = self.boot(cfg, &pod, &guest.annotations, guest.hostname.clone(), cgroups_path, netns).await?;
+                let s = self.boot(cfg, &pod, &guest.annotations, guest.hostname.clone(), cgroups_path, net).await?;
                 *sb = Some(s.clone());
                 s
             }

@@ -34,6 +34,8 @@ pub struct Shape {
     pub vcpus: u32,
     pub mem_mib: u64,
     pub disk_slots: usize,
+    /// virtio-net devices (one per pod interface; at least one).
+    pub nics: usize,
 }
 
 pub fn templates_dir(cfg: &Config) -> PathBuf {
@@ -54,10 +56,11 @@ pub fn key(cfg: &Config, shape: Shape) -> Result<String, String> {
     }
     h.update(
         format!(
-            "vcpus={} mem={} slots={} disk_mib={} tag={FS_TAG} nics=1 cmdline={CMDLINE} hull={}",
+            "vcpus={} mem={} slots={} disk_mib={} tag={FS_TAG} nics={} cmdline={CMDLINE} hull={}",
             shape.vcpus,
             shape.mem_mib,
             shape.disk_slots,
+            shape.nics.max(1),
             cfg.defaults.disk_size_mib,
             env!("CARGO_PKG_VERSION")
         )
@@ -160,7 +163,7 @@ fn build_in(cfg: &Config, shape: Shape, build: &Path) -> Result<(), String> {
     }
     let mut cmd = Command::new(&cfg.paths.hull_vmm);
     let boot = VmBoot::Cold { vcpus: shape.vcpus, mem_mib: shape.mem_mib };
-    cmd.args(vmm_args(cfg, &paths, boot, shape.disk_slots, None));
+    cmd.args(vmm_args(cfg, &paths, boot, shape.disk_slots, &vec![None; shape.nics.max(1)]));
     let vmm = cmd
         .stdin(Stdio::null())
         .stdout(log("hull-vmm")?)
@@ -241,13 +244,15 @@ mod tests {
     fn key_follows_what_the_guest_saw() {
         let d = tempfile::tempdir().unwrap();
         let c = cfg(d.path());
-        let s = Shape { vcpus: 1, mem_mib: 256, disk_slots: 4 };
+        let s = Shape { vcpus: 1, mem_mib: 256, disk_slots: 4, nics: 1 };
         let k = key(&c, s).unwrap();
         assert_eq!(k.len(), 16);
         assert_eq!(key(&c, s).unwrap(), k, "stable");
         assert_ne!(key(&c, Shape { mem_mib: 512, ..s }).unwrap(), k);
         assert_ne!(key(&c, Shape { vcpus: 2, ..s }).unwrap(), k);
         assert_ne!(key(&c, Shape { disk_slots: 3, ..s }).unwrap(), k);
+        assert_ne!(key(&c, Shape { nics: 2, ..s }).unwrap(), k);
+        assert_eq!(key(&c, Shape { nics: 0, ..s }).unwrap(), k, "a VM has one NIC at least");
         let mut c2 = c.clone();
         c2.defaults.disk_size_mib += 1;
         assert_ne!(key(&c2, s).unwrap(), k);
@@ -262,7 +267,7 @@ mod tests {
     fn an_existing_template_is_used_without_building() {
         let d = tempfile::tempdir().unwrap();
         let c = cfg(d.path());
-        let s = Shape { vcpus: 1, mem_mib: 128, disk_slots: 1 };
+        let s = Shape { vcpus: 1, mem_mib: 128, disk_slots: 1, nics: 1 };
         let snap = templates_dir(&c).join(key(&c, s).unwrap());
         fs::create_dir_all(&snap).unwrap();
         fs::write(snap.join(hull_vmm::persist::STATE_FILE), "{}").unwrap();
@@ -274,7 +279,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mut c = cfg(d.path());
         c.paths.virtiofsd = d.path().join("no-virtiofsd");
-        let s = Shape { vcpus: 1, mem_mib: 128, disk_slots: 1 };
+        let s = Shape { vcpus: 1, mem_mib: 128, disk_slots: 1, nics: 1 };
         let e = ensure(&c, s).unwrap_err();
         assert!(e.contains("starting virtiofsd"), "{e}");
         let left: Vec<_> = fs::read_dir(templates_dir(&c)).unwrap().map(|e| e.unwrap().file_name()).collect();

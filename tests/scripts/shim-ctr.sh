@@ -407,6 +407,10 @@ if has cri; then
     done <"$work/cri.out"
     [ -s "$work/cri.err" ] && cat "$work/cri.err" >&2
     check "cri: hull-cri exit status" 0 "$rc"
+    # The guest's own resolv.conf: the shim passed the pod's DNS config
+    # (from the sandbox spec's resolv.conf mount) to SetupSandbox.
+    check "cri: the guest got the pod's DNS config" 1 \
+        "$(tail -n "+$log_from" "$HULL_CTRD_DIR/containerd.log" | grep -a 'guest DNS: nameservers' | grep -ac '10.9.8.7' | awk '{print ($1 >= 1)}')"
     i=0
     while pgrep -f containerd-shim-hull-v2 >/dev/null && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
     check "cri: no shim processes left" 0 "$(pgrep -f containerd-shim-hull-v2 | wc -l)"
@@ -456,21 +460,27 @@ if has crash; then
 fi
 
 # --- faults: hull-vmm killed, a full writable layer, containerd restarted ---
+# task_died ID WHAT STATUS: after a fault killed task ID's VM, the task
+# stops, containerd gets its exit event, `task delete` reports STATUS, and
+# nothing is left.
+task_died() {
+    wait_stopped "$1"
+    check "faults ($2): the task stops" 0 $?
+    local i=0
+    until grep -q "/tasks/exit.*$1" "$work/events.log" || [ "$i" -gt 100 ]; do i=$((i + 1)); sleep 0.1; done
+    check "faults ($2): containerd got the exit event" 1 "$(grep -c "/tasks/exit.*$1" "$work/events.log")"
+    check_contains "faults ($2): an error exit status" "$3" "$("${CTR[@]}" task delete "$1" 2>&1)"
+    "${CTR[@]}" container delete "$1"
+    nothing_left "faults ($2)"
+}
+
 if has faults; then
     # hull-vmm SIGKILLed under a running container: the task ends with an
     # error status, containerd sees the exit, everything is cleaned up.
     "${CTR[@]}" run -d "${RT[@]}" "$IMG" fault1 sleep 100000 </dev/null >/dev/null 2>&1
     check "faults: detached run" 0 $?
     kill -9 "$(pgrep -f "hull-vmm.*$state/fault1/" | head -n 1)"
-    wait_stopped fault1
-    check "faults: the task stops when hull-vmm is killed" 0 $?
-    i=0
-    until grep -q '/tasks/exit.*fault1' "$work/events.log" || [ "$i" -gt 100 ]; do i=$((i + 1)); sleep 0.1; done
-    check "faults: containerd got the exit event" 1 "$(grep -c '/tasks/exit.*fault1' "$work/events.log")"
-    st="$("${CTR[@]}" task delete fault1 2>&1)"
-    check_contains "faults: an error exit status when hull-vmm is killed" "exit with non-zero exit code 255" "$st"
-    "${CTR[@]}" container delete fault1
-    nothing_left "faults (hull-vmm killed)"
+    task_died fault1 "hull-vmm killed" "exit with non-zero exit code 255"
 
     # The guest agent dies. It is the guest's PID 1, which nothing in the
     # guest can kill alone; a privileged container crashes the guest kernel
@@ -480,15 +490,7 @@ if has faults; then
     "${CTR[@]}" run -d --privileged "${RT[@]}" "$IMG" fault4 sleep 100000 </dev/null >/dev/null 2>&1
     check "faults: detached privileged run" 0 $?
     timeout 60 "${CTR[@]}" task exec --exec-id crash fault4 sh -c 'echo c > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1
-    wait_stopped fault4
-    check "faults: the task stops when the guest agent dies" 0 $?
-    i=0
-    until grep -q '/tasks/exit.*fault4' "$work/events.log" || [ "$i" -gt 100 ]; do i=$((i + 1)); sleep 0.1; done
-    check "faults: containerd got the exit event (agent died)" 1 "$(grep -c '/tasks/exit.*fault4' "$work/events.log")"
-    st="$("${CTR[@]}" task delete fault4 2>&1)"
-    check_contains "faults: an error exit status when the agent dies" "exit with non-zero exit code" "$st"
-    "${CTR[@]}" container delete fault4
-    nothing_left "faults (guest agent died)"
+    task_died fault4 "guest agent died" "exit with non-zero exit code"
 
     # A full writable layer: the container gets ENOSPC, the VM and host carry on.
     DISK_MIB=64 write_config
@@ -532,17 +534,23 @@ if has net; then
     ns=hullnet-pod
     ip netns del "$ns" 2>/dev/null
     ip link del hullpeer0 2>/dev/null
+    ip link del hullpeer1 2>/dev/null
     ip netns add "$ns" &&
         ip link add hullpeer0 type veth peer name eth0 netns "$ns" &&
         ip addr add 10.200.1.1/24 dev hullpeer0 && ip link set hullpeer0 up &&
         ip -n "$ns" addr add 10.200.1.2/24 dev eth0 && ip -n "$ns" link set eth0 up &&
-        ip -n "$ns" link set lo up && ip -n "$ns" route add default via 10.200.1.1
-    check "net: namespace and veth made" 0 $?
+        ip -n "$ns" link set lo up && ip -n "$ns" route add default via 10.200.1.1 &&
+        ip link add hullpeer1 type veth peer name net1 netns "$ns" &&
+        ip addr add 10.201.1.1/24 dev hullpeer1 && ip link set hullpeer1 up &&
+        ip -n "$ns" addr add 10.201.1.2/24 dev net1 && ip -n "$ns" link set net1 up
+    check "net: namespace and two veths made" 0 $?
     veth_mac="$(ip -n "$ns" -o link show eth0 | sed -n 's/.*link\/ether \([0-9a-f:]*\).*/\1/p')"
     mkdir -p "$work/www" && echo from-peer > "$work/www/peer.txt"
     head -c 20971520 /dev/zero > "$work/www/big"
     busybox httpd -f -p 10.200.1.1:8081 -h "$work/www" &
     httpd_pid=$!
+    busybox httpd -f -p 10.201.1.1:8082 -h "$work/www" &
+    httpd2_pid=$!
     "${CTR[@]}" run -d --with-ns "network:/var/run/netns/$ns" "${RT[@]}" "$IMG" net1 \
         sh -c 'mkdir /www && echo from-pod > /www/pod.txt && exec httpd -f -p 8080 -h /www' </dev/null >/dev/null 2>&1
     check "net: pod started in the namespace" 0 $?
@@ -550,6 +558,10 @@ if has net; then
     check_contains "net: the guest's eth0 has the pod's address" "10.200.1.2/24" "$out"
     out="$("${CTR[@]}" task exec --exec-id m net1 cat /sys/class/net/eth0/address </dev/null 2>&1)"
     check "net: the guest's eth0 has the veth's MAC" "$veth_mac" "$out"
+    out="$("${CTR[@]}" task exec --exec-id a1 net1 ip -o addr show eth1 </dev/null 2>&1)"
+    check_contains "net: the second interface is the guest's eth1" "10.201.1.2/24" "$out"
+    out="$(timeout 60 "${CTR[@]}" task exec --exec-id w1 net1 wget -q -O - http://10.201.1.1:8082/peer.txt </dev/null 2>&1)"
+    check "net: the pod reaches the peer on the second interface" "from-peer" "$out"
     out="$("${CTR[@]}" task exec --exec-id r net1 ip route </dev/null 2>&1)"
     check_contains "net: the default route" "default via 10.200.1.1" "$out"
     out="$(timeout 60 "${CTR[@]}" task exec --exec-id p net1 ping -c 1 -W 10 10.200.1.1 </dev/null 2>&1)"
@@ -560,7 +572,7 @@ if has net; then
     # wget dies of SIGSEGV in the lab's root namespace before it connects.)
     out="$(timeout 60 bash -c 'exec 3<>/dev/tcp/10.200.1.2/8080 && printf "GET /pod.txt HTTP/1.0\r\n\r\n" >&3 && sed "1,/^\r$/d" <&3' 2>&1)"
     check "net: the peer fetches from a server in the pod (TCP)" "from-pod" "$out"
-    check "net: the tap is in the pod's namespace" 1 "$(ip -n "$ns" -o link show | grep -c hulltap0)"
+    check "net: a tap per interface in the pod's namespace" 2 "$(ip -n "$ns" -o link show | grep -c 'hulltap[01]')"
     check "net: no tap in the host's namespace" 0 "$(ip -o link show | grep -c hulltap0)"
     # Round trip and throughput (20 MiB over HTTP from the peer), pod vs a
     # plain namespace on the same veth (runc's model), same lab run:
@@ -576,8 +588,8 @@ if has net; then
     wait_stopped net1
     "${CTR[@]}" task delete net1 >/dev/null 2>&1
     "${CTR[@]}" container delete net1
-    check "net: the tap is gone with the pod" 0 "$(ip -n "$ns" -o link show | grep -c hulltap0)"
-    check "net: no redirect left on the pod's interface" 0 "$(tc -n "$ns" qdisc show dev eth0 | grep -c ingress)"
+    check "net: the taps are gone with the pod" 0 "$(ip -n "$ns" -o link show | grep -c hulltap)"
+    check "net: no redirect left on the pod's interfaces" 0 "$(tc -n "$ns" qdisc show | grep -c ingress)"
     nothing_left "net"
     # The same peer from the namespace itself (no VM).
     rtt_ns="$(ip netns exec "$ns" busybox time -p busybox sh -c "${get20//wget/busybox wget}" 2>&1 | awk '$1 == "real" {print $2 * 50}')"
@@ -585,9 +597,10 @@ if has net; then
     ip netns exec "$ns" timeout 60 busybox wget -q -O /dev/null http://10.200.1.1:8081/big
     tput_ns_ms=$(( ($(date +%s%N) - t0) / 1000000 ))
     echo "INFO net: HTTP GET (new TCP connection each, wget process included) avg: pod ${rtt_pod} ms, plain netns ${rtt_ns} ms ($(awk -v a="$rtt_pod" -v b="$rtt_ns" 'BEGIN { if (b > 0) printf "%.1f", a / b }')x); 20 MiB over TCP (HTTP GET) incl. exec: pod ${tput_pod_ms} ms, plain netns ${tput_ns_ms} ms ($(awk -v a="$tput_pod_ms" -v b="$tput_ns_ms" 'BEGIN { if (b > 0) printf "%.1f", a / b }')x); throughput pod $(awk -v t="$tput_pod_ms" 'BEGIN { if (t > 0) printf "%.1f", 20 * 8 * 1.048576 / (t / 1000) }') Mbit/s, plain netns $(awk -v t="$tput_ns_ms" 'BEGIN { if (t > 0) printf "%.1f", 20 * 8 * 1.048576 / (t / 1000) }') Mbit/s"
-    kill "$httpd_pid" 2>/dev/null
+    kill "$httpd_pid" "$httpd2_pid" 2>/dev/null
     ip netns del "$ns"
     ip link del hullpeer0 2>/dev/null
+    ip link del hullpeer1 2>/dev/null
 fi
 
 # --- leaks: 100 create/start/delete cycles, 10 at a time ---------------------
