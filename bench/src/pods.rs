@@ -260,7 +260,7 @@ impl Env {
         let mut s = format!(
             "[paths]\nkernel = \"{}\"\ninitramfs = \"{}\"\nhull_vmm = \"{}\"\nvirtiofsd = \"{}\"\nstate_dir = \"{}\"\n\n\
              [defaults]\nvcpus = 1\nmem_mib = {}\ndisks_per_pod = {}\ndisk_size_mib = 64\ndisk_pool_size = {pool}\n\
-             agent_ready_timeout_secs = 600\nlog_level = \"info\"\n",
+             agent_ready_timeout_secs = 600\nagent_call_timeout_secs = 600\nlog_level = \"info\"\n",
             o.kernel.display(),
             o.initramfs.display(),
             o.bin_dir.join("hull-vmm").display(),

@@ -79,6 +79,9 @@ pub struct Defaults {
     pub disk_pool_size: u32,
     /// How long to wait for the agent's ready announcement after starting hull-vmm.
     pub agent_ready_timeout_secs: u64,
+    /// How long one call to the agent may take (sent to the agent as its
+    /// deadline too).
+    pub agent_call_timeout_secs: u64,
     /// The shim's log level: error, warn, info, debug or trace.
     pub log_level: String,
     /// Start pods by restoring a VM template (built on first use) instead
@@ -110,6 +113,7 @@ impl Default for Defaults {
             disk_size_mib: 10240,
             disk_pool_size: 8,
             agent_ready_timeout_secs: 30,
+            agent_call_timeout_secs: 30,
             log_level: "info".into(),
             template: true,
             cgroup_pool_size: 8,
@@ -183,6 +187,9 @@ impl Config {
         }
         if d.agent_ready_timeout_secs == 0 {
             return Err("defaults.agent_ready_timeout_secs = 0: must be at least 1".into());
+        }
+        if d.agent_call_timeout_secs == 0 {
+            return Err("defaults.agent_call_timeout_secs = 0: must be at least 1".into());
         }
         if !LOG_LEVELS.contains(&d.log_level.as_str()) {
             return Err(format!("defaults.log_level = {:?}: expected one of {}", d.log_level, LOG_LEVELS.join(", ")));
@@ -301,6 +308,7 @@ mod tests {
             ("[defaults]\ndisks_per_pod = 18\n", "defaults.disks_per_pod = 18"),
             ("[defaults]\nlog_level = \"loud\"\n", "defaults.log_level"),
             ("[defaults]\nagent_ready_timeout_secs = 0\n", "agent_ready_timeout_secs"),
+            ("[defaults]\nagent_call_timeout_secs = 0\n", "agent_call_timeout_secs"),
             ("[defaults]\nvcpus = \"two\"\n", "invalid type"),
             ("[paths]\nkernel = \"vmlinux\"\n", "paths.kernel"),
             ("[paths]\ncgroup_parent = \"../x\"\n", "paths.cgroup_parent"),

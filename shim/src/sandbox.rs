@@ -33,8 +33,6 @@ pub const NOTIFY_PORT: u32 = 1023;
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet hull.notify_port=1023";
 /// virtio-fs tag the agent mounts.
 pub const FS_TAG: &str = "hullfs";
-/// Per-call deadline of the agent client.
-pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest unix socket path (sun_path, NUL included).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -663,9 +661,10 @@ impl Sandbox {
         // and right after a restore the vsock device may still refuse or drop a
         // connection (it holds host connections until the guest has taken
         // the transport reset, bounded): retry until the deadline.
-        let deadline = tokio::time::Instant::now() + timeout.max(AGENT_CALL_TIMEOUT);
+        let call_timeout = Duration::from_secs(cfg.defaults.agent_call_timeout_secs);
+        let deadline = tokio::time::Instant::now() + timeout.max(call_timeout);
         let agent = loop {
-            match AgentClient::connect(&api, AGENT_CALL_TIMEOUT).await {
+            match AgentClient::connect(&api, call_timeout).await {
                 Ok(a) => break a,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     debug!("pod {}: connecting to the agent: {e}; retrying", spec.id);

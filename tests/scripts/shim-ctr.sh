@@ -65,6 +65,8 @@ disks_per_pod = ${DISKS:-4}
 disk_size_mib = ${DISK_MIB:-1024}
 disk_pool_size = 4
 agent_ready_timeout_secs = ${2:-240}
+# Calls slow down a lot when 10 emulated VMs start at once.
+agent_call_timeout_secs = 120
 log_level = "debug"
 ${3:-}
 EOT
