@@ -26,6 +26,7 @@ pub fn build_and_boot(config: &VmConfig, events: Sender<VmmEvent>) -> Result<Vmm
     let (mem, mem_file) = memory::create_memfd(config.mem_mib)?;
     vm.set_memory(&mem)?;
     vm.setup_irqchip()?;
+    vm.drop_missed_pit_ticks()?;
 
     let mut devices = DeviceManager::new();
     let console = console_writer(&config.console)?;
