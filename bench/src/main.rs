@@ -97,8 +97,9 @@ struct PodArgs {
     /// virtiofsd (default: on PATH or ~/.cargo/bin).
     #[arg(long)]
     virtiofsd: Option<PathBuf>,
-    /// Seconds each ctr command may take.
-    #[arg(long, default_value_t = 180)]
+    /// Seconds each ctr command may take (at N = 50 on 2 emulated CPUs a
+    /// start takes over 180 s: every start of a burst shares the CPUs).
+    #[arg(long, default_value_t = 600)]
     ctr_timeout: u64,
 }
 
