@@ -12,7 +12,9 @@
 # unstable flag, and the targets are built without a sanitizer (-s none;
 # hull has little unsafe code of its own). HULL_FUZZ_SANITIZER=address
 # builds with ASan instead (needs a nightly toolchain: cargo +nightly).
-# HULL_FUZZ_TARGETS="vsock fs_relay" runs only those. cargo-fuzz is
+# HULL_FUZZ_TARGETS="vsock fs_relay" runs only those. HULL_FUZZ_DEV=1
+# builds with the dev profile: a cold build takes half as long (CI's brief
+# runs), the targets run slower. cargo-fuzz is
 # installed (cargo install) if missing.
 set -euo pipefail
 secs="${1:-20}"
@@ -28,9 +30,13 @@ if [ "$san" != none ]; then
     toolchain=(+nightly)
 fi
 targets="${HULL_FUZZ_TARGETS:-$(cargo fuzz list)}"
+profile=()
+if [ -n "${HULL_FUZZ_DEV:-}" ]; then
+    profile=(--dev)
+fi
 
 # -a: debug assertions and overflow checks on, as in tests.
-nice -n 10 cargo "${toolchain[@]}" fuzz build -s "$san" -a
+nice -n 10 cargo "${toolchain[@]}" fuzz build "${profile[@]}" -s "$san" -a
 
 logs=target/fuzz-logs
 mkdir -p "$logs"
@@ -43,7 +49,7 @@ for t in $targets; do
     fi
     log="$logs/$t.log"
     start=$(date +%s)
-    if nice -n 15 cargo "${toolchain[@]}" fuzz run -s "$san" -a "$t" "corpus/$t" "${seeds[@]}" -- \
+    if nice -n 15 cargo "${toolchain[@]}" fuzz run "${profile[@]}" -s "$san" -a "$t" "corpus/$t" "${seeds[@]}" -- \
         -max_total_time="$secs" -timeout=60 -print_final_stats=1 >"$log" 2>&1; then
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
         echo "fuzz: $t: ${runs:-?} runs in $(($(date +%s) - start)) s, no crash" >&2
