@@ -557,19 +557,21 @@ if has net; then
     "${CTR[@]}" run -d --with-ns "network:/var/run/netns/$ns" "${RT[@]}" "$IMG" net1 \
         sh -c 'mkdir /www && echo from-pod > /www/pod.txt && exec httpd -f -p 8080 -h /www' </dev/null >/dev/null 2>&1
     check "net: pod started in the namespace" 0 $?
-    out="$("${CTR[@]}" task exec --exec-id a net1 ip -o addr show eth0 </dev/null 2>&1)"
+    # in_net1 EXEC_ID CMD...: runs CMD in the pod, output and errors together.
+    in_net1() { local id=$1; shift; timeout 60 "${CTR[@]}" task exec --exec-id "$id" net1 "$@" </dev/null 2>&1; }
+    out="$(in_net1 a ip -o addr show eth0)"
     check_contains "net: the guest's eth0 has the pod's address" "10.200.1.2/24" "$out"
-    out="$("${CTR[@]}" task exec --exec-id m net1 cat /sys/class/net/eth0/address </dev/null 2>&1)"
+    out="$(in_net1 m cat /sys/class/net/eth0/address)"
     check "net: the guest's eth0 has the veth's MAC" "$veth_mac" "$out"
-    out="$("${CTR[@]}" task exec --exec-id a1 net1 ip -o addr show eth1 </dev/null 2>&1)"
+    out="$(in_net1 a1 ip -o addr show eth1)"
     check_contains "net: the second interface is the guest's eth1" "10.201.1.2/24" "$out"
-    out="$(timeout 60 "${CTR[@]}" task exec --exec-id w1 net1 wget -q -O - http://10.201.1.1:8082/peer.txt </dev/null 2>&1)"
+    out="$(in_net1 w1 wget -q -O - http://10.201.1.1:8082/peer.txt)"
     check "net: the pod reaches the peer on the second interface" "from-peer" "$out"
-    out="$("${CTR[@]}" task exec --exec-id r net1 ip route </dev/null 2>&1)"
+    out="$(in_net1 r ip route)"
     check_contains "net: the default route" "default via 10.200.1.1" "$out"
-    out="$(timeout 60 "${CTR[@]}" task exec --exec-id p net1 ping -c 1 -W 10 10.200.1.1 </dev/null 2>&1)"
+    out="$(in_net1 p ping -c 1 -W 10 10.200.1.1)"
     check_contains "net: the pod pings the peer" "1 packets received" "$out"
-    out="$(timeout 60 "${CTR[@]}" task exec --exec-id w net1 wget -q -O - http://10.200.1.1:8081/peer.txt </dev/null 2>&1)"
+    out="$(in_net1 w wget -q -O - http://10.200.1.1:8081/peer.txt)"
     check "net: the pod fetches from the peer (TCP)" "from-peer" "$out"
     # The peer connects to a server in the pod. (bash's /dev/tcp: busybox
     # wget dies of SIGSEGV in the lab's root namespace before it connects.)
