@@ -13,7 +13,7 @@
 use crate::stats::Summary;
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -359,7 +359,8 @@ impl Env {
     /// Until no hull-vmm or virtiofsd is left (30 s at most).
     fn wait_quiet(&self) {
         let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(30) && procs().iter().any(|(_, k)| k == "hull-vmm" || k == "virtiofsd")
+        while t.elapsed() < Duration::from_secs(30)
+            && procs().iter().any(|(_, k)| k.starts_with("hull-vmm") || k == "virtiofsd")
         {
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -581,8 +582,9 @@ impl Env {
         });
         // Let start-up work (page cache, background refills) settle.
         std::thread::sleep(Duration::from_secs(5));
+        let template_inodes = template_memory_inodes(&self.state.join("templates"));
         for (pid, kind) in procs() {
-            match proc_mem(pid, &kind) {
+            match proc_mem(pid, &kind, &template_inodes) {
                 Ok(m) => d.procs.push(m),
                 Err(e) => d.errors.push(format!("{kind} {pid}: {e:#}")),
             }
@@ -687,12 +689,33 @@ fn procs() -> Vec<(u32, String)> {
         };
         v.push((pid, kind.to_string()));
     }
+    // A jailed hull-vmm forks: the outer process only waits for the VMM (its
+    // child, PID 1 of the jail's namespace). Counted, under its own name.
+    let ppid = |pid: u32| {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        st.lines().find_map(|l| l.strip_prefix("PPid:")).and_then(|x| x.trim().parse::<u32>().ok())
+    };
+    let vmms: Vec<u32> = v.iter().filter(|(_, k)| k == "hull-vmm").map(|(p, _)| *p).collect();
+    let parents: HashSet<u32> = vmms.iter().filter_map(|p| ppid(*p)).collect();
+    for (pid, kind) in &mut v {
+        if kind == "hull-vmm" && parents.contains(pid) {
+            *kind = "hull-vmm (jail parent)".into();
+        }
+    }
     v
 }
 
-/// PSS etc. of one process; for hull-vmm also its template mapping (a file
-/// named `memory` under a `templates/` directory).
-fn proc_mem(pid: u32, kind: &str) -> Result<ProcMem> {
+/// Inode numbers of the templates' memory files (`templates/*/memory`).
+fn template_memory_inodes(templates: &Path) -> HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(templates) else { return HashSet::new() };
+    rd.flatten().filter_map(|e| std::fs::metadata(e.path().join("memory")).ok()).map(|m| m.ino()).collect()
+}
+
+/// PSS etc. of one process; for hull-vmm also its template mapping. The
+/// mapping is found by inode, not by path: a jailed hull-vmm maps the file
+/// under its bind-mount name inside the jail.
+fn proc_mem(pid: u32, kind: &str, template_inodes: &HashSet<u64>) -> Result<ProcMem> {
     let mut m = ProcMem { pid, kind: kind.into(), ..Default::default() };
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let mut in_template = false;
@@ -701,8 +724,10 @@ fn proc_mem(pid: u32, kind: &str) -> Result<ProcMem> {
         let Some(first) = it.next() else { continue };
         if !first.ends_with(':') {
             // A mapping header: "start-end perms offset dev inode [path]".
-            let path = line.split_whitespace().nth(5).unwrap_or("");
-            in_template = path.contains("/templates/") && path.ends_with("/memory");
+            let mut f = line.split_whitespace().skip(4);
+            let inode = f.next().and_then(|i| i.parse::<u64>().ok()).unwrap_or(0);
+            let path = f.next().unwrap_or("");
+            in_template = inode != 0 && path.ends_with("memory") && template_inodes.contains(&inode);
             continue;
         }
         let Some(kib) = it.next().and_then(|x| x.parse::<u64>().ok()) else { continue };

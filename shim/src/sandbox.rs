@@ -663,14 +663,22 @@ impl Sandbox {
         // the transport reset, bounded): retry until the deadline.
         let call_timeout = Duration::from_secs(cfg.defaults.agent_call_timeout_secs);
         let deadline = tokio::time::Instant::now() + timeout.max(call_timeout);
+        let vmm_gone = |what: &str| {
+            vmm.exit_status().map(|st| format!("hull-vmm exited ({st}) {what}: {}", tail(&paths.log("hull-vmm"), 3)))
+        };
         let agent = loop {
             match AgentClient::connect(&api, call_timeout).await {
                 Ok(a) => break a,
-                Err(e) if tokio::time::Instant::now() < deadline => {
+                Err(e) => {
+                    if let Some(gone) = vmm_gone("before the agent answered") {
+                        return Err(gone);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e.to_string());
+                    }
                     debug!("pod {}: connecting to the agent: {e}; retrying", spec.id);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => return Err(e.to_string()),
             }
         };
         let mut entropy = vec![0u8; 32];
@@ -706,7 +714,9 @@ impl Sandbox {
             dns_options: dns.options,
             ..Default::default()
         };
-        agent.setup_sandbox(&req).await.map_err(|e| format!("agent SetupSandbox: {e}"))?;
+        if let Err(e) = agent.setup_sandbox(&req).await {
+            return Err(vmm_gone("during SetupSandbox").unwrap_or_else(|| format!("agent SetupSandbox: {e}")));
+        }
         info!(
             "pod {}: ready in {} ms ({} vCPU, {} MiB, {slots} disk slots)",
             spec.id,

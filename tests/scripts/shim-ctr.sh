@@ -83,6 +83,10 @@ TTY_CTR="timeout --foreground -s KILL $tmo ctr --address $HULL_CTRD_DIR/containe
 dump_logs() {
     echo "--- containerd log (shim lines, last 80) ---" >&2
     grep -a -i 'hull\|shim' "$HULL_CTRD_DIR/containerd.log" | tail -n 80 >&2
+    # A failed pod start logs its console and hull-vmm tails on lines of their own.
+    echo "--- failed pod starts (last 3, with the guest console and hull-vmm output) ---" >&2
+    grep -a -n 'start failed; guest console' "$HULL_CTRD_DIR/containerd.log" | tail -n 3 | cut -d: -f1 |
+        while read -r l; do sed -n "${l},$((l + 45))p" "$HULL_CTRD_DIR/containerd.log" >&2; done
     pod_logs
 }
 # pod_logs: the last lines of every live pod's logs (hull-vmm, virtiofsd, guest console).
@@ -626,7 +630,7 @@ snapshot_counts() {
 }
 if has leaks; then
     cycles="${HULL_LEAK_CYCLES:-100}"
-    batch=10
+    batch="${HULL_LEAK_BATCH:-10}"
     # One run first: the template and pools exist before the baseline is taken.
     run_rm leak0 true
     check "leaks: warm-up run" 0 "$RC"

@@ -36,7 +36,10 @@ pub const MAX_CTRL_QUEUE: usize = 1024;
 /// Longest accepted `CONNECT <port>\n` line.
 pub const MAX_CONNECT_LINE: usize = 32;
 /// The guest must answer a host-initiated OP_REQUEST within this time.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous: a guest starved of CPU (a burst of restores on a busy host)
+/// answers late, and a connection given up too early is only retried into
+/// the same queue. A guest that never answers holds one of its own slots.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// After a full shutdown the connection is reset if the peer does not.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A host process must send its `CONNECT` line within this time.
@@ -83,6 +86,7 @@ pub struct Muxer {
     ready: VecDeque<ConnKey>,
     next_token: u64,
     next_local_port: u32,
+    connect_timeout: Duration,
 }
 
 impl Muxer {
@@ -102,7 +106,14 @@ impl Muxer {
             ready: VecDeque::new(),
             next_token: FIRST_STREAM_TOKEN,
             next_local_port: LOCAL_PORT_BASE,
+            connect_timeout: CONNECT_TIMEOUT,
         })
+    }
+
+    /// Tests use a short one.
+    #[cfg(test)]
+    pub fn set_connect_timeout(&mut self, d: Duration) {
+        self.connect_timeout = d;
     }
 
     /// The epoll set the worker waits on (the worker adds its own fds with
@@ -258,7 +269,7 @@ impl Muxer {
         let token = self.alloc_token();
         let mut conn = Connection::new(key, stream, token, ConnState::LocalInit);
         conn.pending_request = true;
-        conn.deadline = Some(Instant::now() + CONNECT_TIMEOUT);
+        conn.deadline = Some(Instant::now() + self.connect_timeout);
         self.insert_conn(conn);
     }
 

@@ -223,6 +223,9 @@ impl Guest {
     }
 }
 
+/// The harness's OP_REQUEST timeout (the real one is far longer).
+const TEST_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Guest + worker run step by step in the test thread.
 struct Harness {
     g: Guest,
@@ -232,6 +235,8 @@ struct Harness {
     uds: PathBuf,
     reset: Arc<AtomicBool>,
     cmd: EventFd,
+    /// The guest's notification on the event queue.
+    evq_kick: EventFd,
     // Keeps the socket file and listener; removes the file on drop.
     _dev: Vsock,
 }
@@ -245,8 +250,10 @@ impl Harness {
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
         let listener = dev.listener.as_ref().unwrap().try_clone().unwrap();
-        let muxer = Muxer::new(CID, &uds, listener).unwrap();
+        let mut muxer = Muxer::new(CID, &uds, listener).unwrap();
+        muxer.set_connect_timeout(TEST_CONNECT_TIMEOUT);
         let evts: Vec<EventFd> = (0..3).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
+        let evq_kick = evts[2].try_clone().unwrap();
         let reset = Arc::new(AtomicBool::new(false));
         let cmd = EventFd::new(EFD_NONBLOCK).unwrap();
         let worker = Worker::new(
@@ -260,7 +267,7 @@ impl Harness {
             muxer,
         )
         .unwrap();
-        Harness { g, worker, irq, _dir: dir, uds, reset, cmd, _dev: dev }
+        Harness { g, worker, irq, _dir: dir, uds, reset, cmd, evq_kick, _dev: dev }
     }
 
     fn step(&mut self) {
@@ -544,7 +551,7 @@ fn guest_never_answering_times_out() {
     // guest gets an RST.
     let start = Instant::now();
     assert!(sees_eof(&mut h, &mut c));
-    assert!(start.elapsed() >= muxer::CONNECT_TIMEOUT - Duration::from_millis(200));
+    assert!(start.elapsed() >= TEST_CONNECT_TIMEOUT - Duration::from_millis(200));
     let (rst, _) = h.wait_pkt("RST", |x| x.op == OP_RST);
     assert_eq!(rst.src_port, req.src_port);
 }
@@ -741,6 +748,36 @@ fn transport_reset_event() {
     assert_eq!(id, EVENT_TRANSPORT_RESET);
     assert_eq!(h.worker.muxer().num_connections(), 0);
     assert!(sees_eof(&mut h, &mut c));
+}
+
+/// After a transport reset, new host connections wait until the guest has
+/// handled the event (it kicks the event queue when it gives the buffer
+/// back), however long that takes within RESET_ACK_TIMEOUT: a connection
+/// made before would be reset by the guest's late event handling.
+#[test]
+fn host_connections_wait_for_the_guest_to_take_the_reset() {
+    let mut h = Harness::new();
+    let mem = h.g.mem.clone();
+    h.g.evq.add_chain(&mem, &[(0xC1_0000, 8, true)]);
+    h.reset.store(true, std::sync::atomic::Ordering::SeqCst);
+    h.cmd.write(1).unwrap();
+    h.step();
+    assert_eq!(h.g.evq.take_used(&mem).len(), 1, "event delivered");
+    let mut c = h.connect_host(b"CONNECT 1024\n");
+    // Far longer than the guest's event work normally takes (ms).
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        h.g.fill_rx(32);
+        h.step();
+    }
+    assert!(h.g.inbox.iter().all(|(p, _)| p.op != OP_REQUEST), "no REQUEST before the guest took the reset");
+    let mut b = [0u8; 8];
+    assert!(matches!(c.read(&mut b), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)));
+    // The guest handled the event and refilled its buffer.
+    h.g.evq.add_chain(&mem, &[(0xC1_0000, 8, true)]);
+    h.evq_kick.write(1).unwrap();
+    let (req, _) = h.wait_pkt("REQUEST", |x| x.op == OP_REQUEST);
+    assert_eq!(req.dst_port, 1024);
 }
 
 #[test]

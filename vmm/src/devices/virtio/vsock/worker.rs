@@ -30,7 +30,11 @@ const TOKEN_KILL: u64 = 3;
 const TOKEN_CMD: u64 = 4;
 
 /// How long host connections wait for the guest to handle a transport reset.
-const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Generous: a guest that is merely slow (a burst of restores on a busy
+/// host delays its event work by seconds) must not have the first host
+/// connections reset under it. A guest that never answers only holds up
+/// its own host connections.
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Worker {
     mem: GuestMemory,
