@@ -648,7 +648,12 @@ if has leaks; then
             pids+=($!)
         done
         for j in $(seq 1 "$batch"); do
-            wait "${pids[$((j - 1))]}" || { failed=$((failed + 1)); echo "leak$((n + j)): $(tail -n 3 "$work/leak$((n + j)).out")" >&2; }
+            wait "${pids[$((j - 1))]}" || {
+                failed=$((failed + 1))
+                echo "leak$((n + j)): $(tail -n 3 "$work/leak$((n + j)).out")" >&2
+                echo "--- leak$((n + j)): its lines in containerd's log (last 40, retries left out) ---" >&2
+                grep -a "leak$((n + j))[^0-9]" "$HULL_CTRD_DIR/containerd.log" | grep -av retrying | tail -n 40 >&2
+            }
             [ "$(head -n 1 "$work/leak$((n + j)).out")" = "leak$((n + j))" ] || failed=$((failed + 1))
         done
         n=$((n + batch))
