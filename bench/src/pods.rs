@@ -95,6 +95,10 @@ pub struct ProcMem {
     pub template_pss_kib: u64,
     /// Pages of the template mapping this VM wrote (copied on write).
     pub template_anon_kib: u64,
+    /// hull-vmm only: PSS by mapping name (the path's file name, or
+    /// `[heap]`, `[anon]`, ...), to say where a VMM's memory is.
+    #[serde(default)]
+    pub pss_by_mapping_kib: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -716,9 +720,14 @@ fn template_memory_inodes(templates: &Path) -> HashSet<u64> {
 /// mapping is found by inode, not by path: a jailed hull-vmm maps the file
 /// under its bind-mount name inside the jail.
 fn proc_mem(pid: u32, kind: &str, template_inodes: &HashSet<u64>) -> Result<ProcMem> {
-    let mut m = ProcMem { pid, kind: kind.into(), ..Default::default() };
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    Ok(parse_smaps(pid, kind, &text, template_inodes))
+}
+
+fn parse_smaps(pid: u32, kind: &str, text: &str, template_inodes: &HashSet<u64>) -> ProcMem {
+    let mut m = ProcMem { pid, kind: kind.into(), ..Default::default() };
     let mut in_template = false;
+    let mut name = String::new();
     for line in text.lines() {
         let mut it = line.split_whitespace();
         let Some(first) = it.next() else { continue };
@@ -728,6 +737,11 @@ fn proc_mem(pid: u32, kind: &str, template_inodes: &HashSet<u64>) -> Result<Proc
             let inode = f.next().and_then(|i| i.parse::<u64>().ok()).unwrap_or(0);
             let path = f.next().unwrap_or("");
             in_template = inode != 0 && path.ends_with("memory") && template_inodes.contains(&inode);
+            name = match path.rsplit('/').next() {
+                _ if in_template => "template memory".to_string(),
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => "[anon]".to_string(),
+            };
             continue;
         }
         let Some(kib) = it.next().and_then(|x| x.parse::<u64>().ok()) else { continue };
@@ -740,6 +754,9 @@ fn proc_mem(pid: u32, kind: &str, template_inodes: &HashSet<u64>) -> Result<Proc
             }
             "Pss:" => {
                 m.pss_kib += kib;
+                if kind == "hull-vmm" && kib > 0 {
+                    *m.pss_by_mapping_kib.entry(name.clone()).or_default() += kib;
+                }
                 if in_template {
                     m.template_pss_kib += kib;
                 }
@@ -749,7 +766,7 @@ fn proc_mem(pid: u32, kind: &str, template_inodes: &HashSet<u64>) -> Result<Proc
             _ => {}
         }
     }
-    Ok(m)
+    m
 }
 
 /// QEMU microvm (vhost-vsock) with the same kernel and initramfs: process
@@ -799,6 +816,37 @@ mod tests {
         assert_eq!(number_before(m, " ms after start"), Some(1234.0));
         assert_eq!(number_after("ready in 87 ms (1 vCPU)", "ready in "), Some(87.0));
         assert_eq!(number_after("nothing", "ready in "), None);
+    }
+
+    #[test]
+    fn smaps_by_mapping() {
+        let text = "\
+7f00-7f10 rw-p 00000000 00:2a 77 /jail/run/memory
+Rss:                 400 kB
+Pss:                 100 kB
+Private_Dirty:        40 kB
+Anonymous:            40 kB
+7f10-7f20 r-xp 00000000 00:2a 12 /usr/bin/hull-vmm
+Rss:                  80 kB
+Pss:                  80 kB
+Private_Clean:        80 kB
+7f20-7f30 rw-p 00000000 00:00 0 [heap]
+Pss:                  30 kB
+7f30-7f40 rw-p 00000000 00:00 0
+Pss:                   6 kB
+";
+        let m = parse_smaps(9, "hull-vmm", text, &HashSet::from([77]));
+        assert_eq!((m.rss_kib, m.pss_kib, m.private_kib), (480, 216, 120));
+        assert_eq!((m.template_rss_kib, m.template_pss_kib, m.template_anon_kib), (400, 100, 40));
+        let want: BTreeMap<String, u64> = [("template memory", 100), ("hull-vmm", 80), ("[heap]", 30), ("[anon]", 6)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        assert_eq!(m.pss_by_mapping_kib, want);
+        // Another inode is not the template, and other kinds keep no breakdown.
+        let m = parse_smaps(9, "shim", text, &HashSet::from([78]));
+        assert_eq!(m.template_pss_kib, 0);
+        assert!(m.pss_by_mapping_kib.is_empty());
     }
 
     #[test]

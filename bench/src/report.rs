@@ -7,6 +7,7 @@ use crate::pods::PodsResult;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -101,6 +102,11 @@ fn targets(r: &Report) -> Vec<Target> {
                 if let Some(ph) = phase_p50s(&p.template.splits) {
                     let parts: Vec<String> = PHASES.iter().zip(ph).map(|(n, v)| format!("{n} {v:.0} ms")).collect();
                     write!(m, "; from containerd's log timestamps, p50: {}", parts.join(", ")).ok();
+                }
+                let fine = shim_phase_p50s(&p.template.splits);
+                if !fine.is_empty() {
+                    let parts: Vec<String> = fine.iter().map(|(n, v)| format!("{n} {v:.0}")).collect();
+                    write!(m, "; the shim's phases, p50 ms: {}", parts.join(", ")).ok();
                 }
                 if !p.template_supported {
                     m.push_str("; the shim had no defaults.template: these starts were cold boots");
@@ -234,13 +240,21 @@ fn targets(r: &Report) -> Vec<Target> {
                             .map(|p| p.private_kib.saturating_sub(p.template_anon_kib) as f64 / 1024.0)
                             .collect::<Vec<_>>(),
                     );
+                    let maps: Vec<String> = median_vmm(d)
+                        .map(|v| top_mappings(v, 4))
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(n, kib)| format!("{n} {:.1} MiB", kib as f64 / 1024.0))
+                        .collect();
                     format!(
                         "PSS per sandbox by process: {}; hull-vmm private pages p50 {:.1} MiB = guest pages copied on \
-                         write since the restore p50 {:.1} MiB + the VMM's own (heap, stacks, buffers) p50 {:.1} MiB",
+                         write since the restore p50 {:.1} MiB + the VMM's own (heap, stacks, buffers) p50 {:.1} MiB; \
+                         the median hull-vmm's largest mappings by PSS: {}",
                         kinds.join(", "),
                         d.vmm_private_kib.p50 / 1024.0,
                         cow.p50,
-                        other.p50
+                        other.p50,
+                        maps.join(", ")
                     )
                 }),
             });
@@ -336,6 +350,11 @@ pub fn print_table(r: &Report) {
                 let parts: Vec<String> = PHASES.iter().zip(ph).map(|(n, v)| format!("{n} {v:.0}")).collect();
                 writeln!(out, "  {} split, p50 ms: {}", s.label, parts.join(" | ")).ok();
             }
+            let fine = shim_phase_p50s(&s.splits);
+            if !fine.is_empty() {
+                let parts: Vec<String> = fine.iter().map(|(n, v)| format!("{n} {v:.0}")).collect();
+                writeln!(out, "  {} shim phases, p50 ms: {}", s.label, parts.join(" | ")).ok();
+            }
         }
         if p.ctr_floor.n > 0 {
             writeln!(out, "  ctr floor (`ctr task ls`: ctr start + one call), p50: {:.0} ms", p.ctr_floor.p50).ok();
@@ -391,6 +410,12 @@ pub fn print_table(r: &Report) {
             writeln!(out, "  template resident (once):        {:>8.1} MiB", d.template_resident_kib as f64 / 1024.0)
                 .ok();
             writeln!(out, "  hull-vmm Private_Clean+Dirty p50: {:>7.1} MiB", d.vmm_private_kib.p50 / 1024.0).ok();
+            if let Some(v) = median_vmm(d) {
+                writeln!(out, "  one hull-vmm's PSS by mapping (the median one, pid {}):", v.pid).ok();
+                for (name, kib) in top_mappings(v, 8) {
+                    writeln!(out, "    {:<30}{:>8.1} MiB", name, kib as f64 / 1024.0).ok();
+                }
+            }
         }
         for e in &p.errors {
             writeln!(out, "  error: {e}").ok();
@@ -638,6 +663,55 @@ pub fn phase_p50s(splits: &[crate::pods::Split]) -> Option<[f64; 4]> {
     Some(out)
 }
 
+/// The shim's own phase marks for one start ("phases ms: name N, ..." on its
+/// "ready in" and "created in pod" lines), prefixed "sandbox " / "create ".
+pub fn shim_phases(s: &crate::pods::Split) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for (marker, prefix) in [("ready in ", "sandbox"), (" created in pod ", "create")] {
+        let Some(line) = s.raw.iter().find(|l| l.contains(marker)) else { continue };
+        let Some((_, rest)) = line.split_once("phases ms: ") else { continue };
+        let rest = rest.split([')', '"']).next().unwrap_or("");
+        for part in rest.split(", ") {
+            if let Some((name, ms)) = part.rsplit_once(' ') {
+                if let Ok(v) = ms.parse::<f64>() {
+                    out.push((format!("{prefix} {name}"), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// p50 of each shim phase over a series' starts, in the order first seen.
+pub fn shim_phase_p50s(splits: &[crate::pods::Split]) -> Vec<(String, f64)> {
+    let mut names: Vec<String> = Vec::new();
+    let mut values: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for s in splits {
+        for (n, v) in shim_phases(s) {
+            if !names.contains(&n) {
+                names.push(n.clone());
+            }
+            values.entry(n).or_default().push(v);
+        }
+    }
+    names.into_iter().map(|n| (n.clone(), crate::stats::Summary::of(&values[&n]).p50)).collect()
+}
+
+/// The hull-vmm with the median PSS.
+fn median_vmm(d: &crate::pods::Density) -> Option<&crate::pods::ProcMem> {
+    let mut v: Vec<&crate::pods::ProcMem> = d.procs.iter().filter(|p| p.kind == "hull-vmm").collect();
+    v.sort_by_key(|p| p.pss_kib);
+    v.get(v.len() / 2).copied()
+}
+
+/// A process's largest mappings by PSS, largest first.
+fn top_mappings(p: &crate::pods::ProcMem, n: usize) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = p.pss_by_mapping_kib.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    v.sort_by_key(|m| std::cmp::Reverse(m.1));
+    v.truncate(n);
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,5 +722,33 @@ mod tests {
         let b = log_time_ms(r#"time="2024-03-01T11:00:01.000+01:00" level=info"#).unwrap();
         assert_eq!(b - a, 750.0);
         assert_eq!(log_time_ms(r#"time="1970-01-02T00:00:00Z""#), Some(86_400_000.0));
+    }
+
+    #[test]
+    fn shim_phase_lines() {
+        let split = |ready: &str, created: &str| crate::pods::Split {
+            raw: vec![
+                format!(
+                    r#"time="x" level=info msg="pod p: ready in 90 ms (1 vCPU, 128 MiB, 1 disk slots; phases ms: {ready})""#
+                ),
+                format!(
+                    r#"time="x" level=info msg="container c created in pod p (Standalone, writable layer hullrw0; phases ms: {created})""#
+                ),
+            ],
+            ..Default::default()
+        };
+        let a = split("disks 10, restore 70, setup 10", "agent 500");
+        assert_eq!(
+            shim_phases(&a),
+            [("sandbox disks", 10.0), ("sandbox restore", 70.0), ("sandbox setup", 10.0), ("create agent", 500.0)]
+                .map(|(n, v)| (n.to_string(), v))
+        );
+        let b = split("disks 30, restore 90, setup 20", "agent 700");
+        let c = split("disks 20, restore 80, setup 30", "agent 600");
+        let p = shim_phase_p50s(&[a, b, c]);
+        assert_eq!(p[1], ("sandbox restore".to_string(), 80.0));
+        assert_eq!(p[3], ("create agent".to_string(), 600.0));
+        // Older shims logged no phases.
+        assert!(shim_phases(&crate::pods::Split::default()).is_empty());
     }
 }

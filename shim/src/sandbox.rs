@@ -273,9 +273,14 @@ fn write_pid(path: &Path, pid: u32) -> Result<(), String> {
 }
 
 /// virtiofsd's arguments for a pod (see docs/config.md for the flags).
-pub fn virtiofsd_args(paths: &SandboxPaths) -> Vec<String> {
+/// `listen_fd`: an inherited listening socket bound at the socket path (pod
+/// starts: ready at once, nothing to wait for); None: virtiofsd binds it.
+pub fn virtiofsd_args(paths: &SandboxPaths, listen_fd: Option<RawFd>) -> Vec<String> {
     vec![
-        format!("--socket-path={}", paths.virtiofsd_socket().display()),
+        match listen_fd {
+            Some(fd) => format!("--fd={fd}"),
+            None => format!("--socket-path={}", paths.virtiofsd_socket().display()),
+        },
         format!("--shared-dir={}", paths.shared().display()),
         "--sandbox=chroot".into(),
         "--cache=always".into(),
@@ -343,6 +348,24 @@ pub fn vmm_args(
         a.extend(["--net".into(), nic.into()]);
     }
     a
+}
+
+/// Lets the child inherit `fds` (they are created close-on-exec).
+fn inherit_fds(cmd: &mut tokio::process::Command, fds: Vec<RawFd>) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: fcntl on fd numbers is async-signal-safe (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    };
 }
 
 /// Makes the child join `cg` between fork and exec.
@@ -424,7 +447,7 @@ impl Sandbox {
 
     async fn start_in(cfg: &Config, spec: &SandboxSpec, partial: &mut Partial) -> Result<Sandbox, String> {
         let paths = partial.paths.clone();
-        let t0 = std::time::Instant::now();
+        let mut phases = crate::phases::Phases::new();
         write_pid(&paths.pid_file("shim"), std::process::id())?;
         for d in [paths.shared(), paths.vm(), paths.disks()] {
             fs::create_dir(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
@@ -439,6 +462,7 @@ impl Sandbox {
             false => None,
         };
         mounts::mount_shared_root(&paths.shared())?;
+        phases.mark("dirs");
 
         // Writable-layer disks: renames out of the pool, formatting only if it is empty.
         let slots = cfg.defaults.disks_per_pod as usize;
@@ -466,6 +490,7 @@ impl Sandbox {
             }
             pool.refill_in_background();
         }
+        phases.mark("disks");
 
         // The pod's host cgroup (from the pool): virtiofsd and hull-vmm join
         // it before they exec, so everything they use is charged to it.
@@ -486,38 +511,31 @@ impl Sandbox {
         .map_err(|e| format!("host cgroup: {e}"))?;
         partial.cgroup = Some(cgroup.clone());
         cgroup.set_limits(r.vcpus, Some(r.mem_mib << 20)).map_err(|e| format!("host cgroup limits: {e}"))?;
+        phases.mark("cgroup");
 
-        // virtiofsd (see docs/config.md for the choice of flags).
+        // virtiofsd (see docs/config.md for the choice of flags). Its socket
+        // is bound here and handed over: hull-vmm can connect at once (the
+        // connection waits in the backlog until virtiofsd serves), so no
+        // one polls for the socket to appear, which under a burst of starts
+        // took the CPU from the very virtiofsds being waited for.
+        let sock = paths.virtiofsd_socket();
+        let listener =
+            std::os::unix::net::UnixListener::bind(&sock).map_err(|e| format!("listen on {}: {e}", sock.display()))?;
+        if let Some(j) = &jail {
+            j.give(&sock)?;
+        }
         let mut cmd = tokio::process::Command::new(&cfg.paths.virtiofsd);
         join_cgroup(&mut cmd, &cgroup)?;
-        cmd.args(virtiofsd_args(&paths))
+        inherit_fds(&mut cmd, vec![listener.as_raw_fd()]);
+        cmd.args(virtiofsd_args(&paths, Some(listener.as_raw_fd())))
             .stdin(Stdio::null())
             .stdout(log_file(&paths.log("virtiofsd"))?)
             .stderr(log_file(&paths.log("virtiofsd"))?);
         let vfs = Watched::spawn(cmd, "virtiofsd")?;
+        drop(listener);
         write_pid(&paths.pid_file("virtiofsd"), vfs.pid)?;
         partial.virtiofsd = Some(vfs);
-        let vfs = partial.virtiofsd.as_ref().unwrap();
-        let sock = paths.virtiofsd_socket();
-        // Under a burst of pod starts virtiofsd can take long to come up:
-        // allow as long as the agent gets.
-        let wait = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs.max(10));
-        let deadline = tokio::time::Instant::now() + wait;
-        while !sock.exists() {
-            if let Some(st) = vfs.exit_status() {
-                return Err(format!(
-                    "virtiofsd exited ({st}) before creating its socket: {}",
-                    tail(&paths.log("virtiofsd"), 3)
-                ));
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("virtiofsd did not create its socket within {}s", wait.as_secs()));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if let Some(j) = &jail {
-            j.give(&sock)?;
-        }
+        phases.mark("virtiofsd");
 
         // The pod network (CNI's namespace): a tap joined to each interface.
         let net = match &spec.net.netns {
@@ -539,6 +557,7 @@ impl Sandbox {
             }
             None => None,
         };
+        phases.mark("network");
         let nics = net.as_ref().map_or(1, |n| n.links.len().max(1));
 
         // A template to restore (built on first use), or a cold boot.
@@ -557,6 +576,7 @@ impl Sandbox {
         } else {
             None
         };
+        phases.mark("template");
 
         // A booting agent connects to host port 1023 once it serves: listen first.
         let mut notify = match snapshot {
@@ -574,20 +594,18 @@ impl Sandbox {
         let mut cmd = tokio::process::Command::new(&cfg.paths.hull_vmm);
         join_cgroup(&mut cmd, &cgroup)?;
         let tap_fds: Vec<RawFd> = net.iter().flat_map(|n| n.links.iter().map(|l| l.tap.as_raw_fd())).collect();
-        if !tap_fds.is_empty() {
-            let fds = tap_fds.clone();
-            // SAFETY: fcntl on fd numbers is async-signal-safe (no allocation).
-            unsafe {
-                cmd.pre_exec(move || {
-                    for &fd in &fds {
-                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                })
-            };
-        }
+        // A restoring hull-vmm says "ready" on a pipe once its devices serve
+        // (its vsock socket listens): waited for without polling.
+        let ready_pipe = match snapshot {
+            Some(_) => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+                Some((r, w))
+            }
+            None => None,
+        };
+        let mut inherited = tap_fds.clone();
+        inherited.extend(ready_pipe.as_ref().map(|(_, w)| w.as_raw_fd()));
+        inherit_fds(&mut cmd, inherited);
         let boot = match &snapshot {
             Some(snap) => VmBoot::Restore(snap),
             None => VmBoot::Cold { vcpus: r.vcpus, mem_mib: r.mem_mib },
@@ -597,8 +615,13 @@ impl Sandbox {
         if let Some(j) = &jail {
             cmd.arg("--jail").arg(j.arg(&paths.vm()));
         }
+        if let Some((_, w)) = &ready_pipe {
+            cmd.arg("--ready-fd").arg(w.as_raw_fd().to_string());
+        }
         cmd.stdin(Stdio::null()).stdout(log_file(&paths.log("hull-vmm"))?).stderr(log_file(&paths.log("hull-vmm"))?);
         let vmm = Watched::spawn(cmd, "hull-vmm")?;
+        // Only hull-vmm holds the write end now: end of file means it exited.
+        let ready_rx = ready_pipe.map(|(r, _w)| r);
         // hull-vmm holds the tap now: it goes when hull-vmm does.
         let network = net
             .as_ref()
@@ -610,13 +633,20 @@ impl Sandbox {
         let vmm = partial.vmm.as_ref().unwrap();
 
         let timeout = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs);
-        let vsock = paths.vsock();
         let ready = async {
             let Some(notify) = &notify else {
-                // Restored: the agent already serves; hull-vmm's vsock socket
-                // appears once the restore is done.
-                while !vsock.exists() {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                // Restored: the agent already serves once hull-vmm says ready.
+                let r = ready_rx.ok_or("no readiness pipe")?;
+                let mut rx =
+                    tokio::net::unix::pipe::Receiver::from_owned_fd(r).map_err(|e| format!("readiness pipe: {e}"))?;
+                let mut line = String::new();
+                tokio::io::BufReader::new(&mut rx)
+                    .read_line(&mut line)
+                    .await
+                    .map_err(|e| format!("reading hull-vmm's readiness pipe: {e}"))?;
+                if line.trim() != "ready" {
+                    // It exited without restoring: the select below reports how.
+                    std::future::pending::<()>().await;
                 }
                 return Ok("restored from the template".to_string());
             };
@@ -653,7 +683,8 @@ impl Sandbox {
         if notify.take().is_some() {
             let _ = fs::remove_file(paths.notify_socket());
         }
-        info!("pod {}: {line} ({} ms after start)", spec.id, t0.elapsed().as_millis());
+        phases.mark(if snapshot.is_some() { "restore" } else { "boot" });
+        info!("pod {}: {line} ({} ms after start)", spec.id, phases.total_ms());
 
         let api = AgentAddr::Hybrid { socket: paths.vsock(), port: DEFAULT_AGENT_PORT };
         // Under a burst of starts a restored guest can take long to accept
@@ -681,6 +712,7 @@ impl Sandbox {
                 }
             }
         };
+        phases.mark("connect");
         let mut entropy = vec![0u8; 32];
         getrandom::getrandom(&mut entropy).map_err(|e| format!("getrandom: {e}"))?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
@@ -717,10 +749,11 @@ impl Sandbox {
         if let Err(e) = agent.setup_sandbox(&req).await {
             return Err(vmm_gone("during SetupSandbox").unwrap_or_else(|| format!("agent SetupSandbox: {e}")));
         }
+        phases.mark("setup");
         info!(
-            "pod {}: ready in {} ms ({} vCPU, {} MiB, {slots} disk slots)",
+            "pod {}: ready in {} ms ({} vCPU, {} MiB, {slots} disk slots; phases ms: {phases})",
             spec.id,
-            t0.elapsed().as_millis(),
+            phases.total_ms(),
             r.vcpus,
             r.mem_mib
         );

@@ -392,6 +392,7 @@ impl HullTask {
         layer_dirs: &[PathBuf],
         stdio: Stdio,
     ) -> TtrpcResult<u32> {
+        let mut phases = crate::phases::Phases::new();
         let shared = sandbox.shared();
         let release = |shared: &Path| {
             if let Err(e) = rootfs::release(shared, id) {
@@ -416,6 +417,7 @@ impl HullTask {
         } else {
             None
         };
+        phases.mark("binds");
         let creq = pb::CreateContainerRequest {
             container_id: id.to_string(),
             oci_spec_json: guest.json.clone(),
@@ -431,6 +433,7 @@ impl HullTask {
                 return Err(agent_err(e));
             }
         };
+        phases.mark("agent");
         let tasks = match io::attach(&sandbox.stdio_addr, id, None, &stdio).await {
             Ok(t) => t,
             Err(e) => {
@@ -450,8 +453,9 @@ impl HullTask {
             sandbox: sandbox.clone(),
         });
         self.inner.containers.lock().unwrap().insert(id.to_string(), c.clone());
+        phases.mark("stdio");
         info!(
-            "container {id} created in pod {} ({:?}, guest pid {guest_pid}, {} layers, writable layer {})",
+            "container {id} created in pod {} ({:?}, guest pid {guest_pid}, {} layers, writable layer {}; phases ms: {phases})",
             sandbox.id,
             pod.role,
             layer_dirs.len(),

@@ -143,7 +143,7 @@ fn build_in(cfg: &Config, shape: Shape, build: &Path) -> Result<(), String> {
         fs::File::create(paths.log(what)).map_err(|e| format!("create {}: {e}", paths.log(what).display()))
     };
     let vfs = Command::new(&cfg.paths.virtiofsd)
-        .args(virtiofsd_args(&paths))
+        .args(virtiofsd_args(&paths, None))
         .stdin(Stdio::null())
         .stdout(log("virtiofsd")?)
         .stderr(log("virtiofsd")?)

@@ -126,3 +126,14 @@ fn bad_disk_spec_and_missing_disk() {
     assert_eq!(code, 1);
     assert!(err.contains("disk /nonexistent/x.img: no such file"), "{err}");
 }
+
+#[test]
+fn bad_ready_fd_is_a_clear_error() {
+    let k = guest_kernel();
+    let (code, err) = vmm(&["--kernel", k.to_str().unwrap(), "--ready-fd", "1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--ready-fd 1: must be an inherited descriptor above 2"), "{err}");
+    let (code, err) = vmm(&["--kernel", k.to_str().unwrap(), "--ready-fd", "987"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--ready-fd 987: Bad file descriptor"), "{err}");
+}

@@ -65,6 +65,34 @@ struct Cli {
     /// seccomp filters per thread kind (docs/security.md): "on" or "off".
     #[arg(long, default_value = SECCOMP_DEFAULT, value_parser = ["on", "off"])]
     seccomp: String,
+    /// An inherited descriptor (a pipe's write end) that gets "ready" and is
+    /// closed once the VM runs (after --restore: once its devices serve, the
+    /// vsock socket listening), so a parent waits without polling.
+    #[arg(long)]
+    ready_fd: Option<i32>,
+}
+
+/// Takes over `--ready-fd` (close-on-exec from now on).
+fn take_ready_fd(fd: i32) -> Result<std::fs::File, String> {
+    if fd < 3 {
+        return Err(format!("--ready-fd {fd}: must be an inherited descriptor above 2"));
+    }
+    // SAFETY: F_GETFD/F_SETFD on a number only inspect and flag it.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0
+    {
+        return Err(format!("--ready-fd {fd}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the caller handed this open descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
+}
+
+/// Says "ready" on the --ready-fd pipe and closes it.
+fn announce_ready(ready: Option<std::fs::File>) {
+    if let Some(mut f) = ready {
+        if let Err(e) = std::io::Write::write_all(&mut f, b"ready\n") {
+            eprintln!("hull-vmm: writing to --ready-fd: {e}");
+        }
+    }
 }
 
 /// Whether filters are on unless --seccomp says otherwise (docs/security.md).
@@ -149,6 +177,13 @@ fn main() -> ExitCode {
         eprintln!("hull-vmm: give --kernel (boot now), --restore DIR or --api-socket (configure over the API)");
         return ExitCode::FAILURE;
     }
+    let ready = match cli.ready_fd.map(take_ready_fd).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hull-vmm: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = confine(&mut cli) {
         eprintln!("hull-vmm: {e}");
         return ExitCode::FAILURE;
@@ -227,6 +262,7 @@ fn main() -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
+        announce_ready(ready);
     } else if let Some(kernel) = cli.kernel {
         let config = VmConfig {
             kernel,
@@ -247,6 +283,7 @@ fn main() -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
+        announce_ready(ready);
     }
     match controller.run() {
         Outcome::Clean(why) => {

@@ -39,6 +39,10 @@ enum Cmd {
     },
     /// Download and prepare the lab kernel and initramfs (done on first run otherwise).
     Setup,
+    /// Inside the lab (the job script starts it): hold one idle KVM VM open
+    /// so the kernel never patches KVM's static branches mid-job.
+    #[command(hide = true)]
+    HoldKvm,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +60,10 @@ fn real_main() -> Result<i32> {
         Cmd::Setup => {
             let k = hull_tools::lab::LabKernel::ensure()?;
             println!("kernel:    {}\ninitramfs: {}", k.vmlinuz.display(), k.initramfs.display());
+            Ok(0)
+        }
+        Cmd::HoldKvm => {
+            hull_tools::lab::hold_kvm(std::path::Path::new(hull_tools::lab::HELD_MARKER))?;
             Ok(0)
         }
         Cmd::Run { timeout, env, cwd, mem, timing, argv } => {

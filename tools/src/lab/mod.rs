@@ -4,8 +4,10 @@
 //! read-only over 9p under a tmpfs overlay and runs one job in a chroot of it.
 //! stdout, stderr and the exit status come back on virtio-serial ports.
 
+mod hold;
 mod kernel;
 mod run;
 
+pub use hold::{hold_kvm, HELD_MARKER};
 pub use kernel::{cache_dir, LabKernel};
 pub use run::{Lab, LabCommand, LabError, LabOutput};

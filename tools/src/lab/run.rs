@@ -45,8 +45,22 @@ impl LabCommand {
     }
 
     /// The job script: cd, a clean environment, exec.
-    fn script(&self) -> String {
+    /// The job script. `holder`: the hull-lab binary, started first to hold
+    /// a KVM VM for the job's lifetime (see `hold.rs`).
+    fn script(&self, holder: Option<&Path>) -> String {
         let mut s = String::from("# written by hull-lab\n");
+        match holder {
+            Some(h) => s.push_str(&format!(
+                "{h} hold-kvm </dev/null >/dev/null &\n\
+                 i=0; while [ ! -e {m} ] && [ $i -lt 300 ] && kill -0 $! 2>/dev/null; do sleep 0.1; i=$((i+1)); done\n\
+                 [ -e {m} ] || echo 'hull-lab: could not hold a KVM VM: the lab may hang when VMs come and go' >&2\n",
+                h = quote(&h.to_string_lossy()),
+                m = quote(super::HELD_MARKER),
+            )),
+            None => s.push_str(
+                "echo 'hull-lab: no hull-lab binary to hold a KVM VM: the lab may hang when VMs come and go' >&2\n",
+            ),
+        }
         s.push_str(&format!(
             "cd {} || {{ echo {} >&2; exit 126; }}\n",
             quote(&self.cwd.to_string_lossy()),
@@ -117,12 +131,14 @@ pub struct Lab {
     kernel: LabKernel,
     pub mem_mib: u32,
     pub cpus: u32,
+    /// The hull-lab binary (for `hold-kvm` inside the lab).
+    holder: Option<PathBuf>,
 }
 
 impl Lab {
     pub fn new() -> Result<Lab> {
         which("qemu-system-x86_64").context("the lab needs QEMU: apt-get install qemu-system-x86")?;
-        Ok(Lab { kernel: LabKernel::ensure()?, mem_mib: 4096, cpus: 2 })
+        Ok(Lab { kernel: LabKernel::ensure()?, mem_mib: 4096, cpus: 2, holder: find_hull_lab() })
     }
 
     /// Runs `cmd`, capturing its output.
@@ -141,7 +157,7 @@ impl Lab {
         let dir = tmp.path();
 
         let initrd = dir.join("initrd");
-        write_initrd(&self.kernel.initramfs, &cmd.script(), &initrd)?;
+        write_initrd(&self.kernel.initramfs, &cmd.script(self.holder.as_deref()), &initrd)?;
         let names = ["stdout", "stderr", "status"];
         let listeners: Vec<UnixListener> = names
             .iter()
@@ -319,6 +335,17 @@ fn tail_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// This binary if it is hull-lab, else hull-lab next to it or one directory
+/// up (test binaries run from target/*/deps).
+fn find_hull_lab() -> Option<PathBuf> {
+    let me = std::env::current_exe().ok()?;
+    if me.file_name().is_some_and(|n| n == "hull-lab") {
+        return Some(me);
+    }
+    let dir = me.parent()?;
+    [dir.join("hull-lab"), dir.parent()?.join("hull-lab")].into_iter().find(|p| p.is_file())
+}
+
 fn which(prog: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -334,7 +361,8 @@ mod tests {
     #[test]
     fn script_quotes_everything() {
         let c = LabCommand::new(&["sh", "-c", "echo 'hi'; exit 3"]).env("A", "x y").cwd("/tmp/it's");
-        let s = c.script();
+        let s = c.script(Some(Path::new("/x/hull-lab")));
+        assert!(s.contains("'/x/hull-lab' hold-kvm"), "{s}");
         assert!(s.contains(r"cd '/tmp/it'\''s'"), "{s}");
         assert!(s.contains(r"'sh' '-c' 'echo '\''hi'\''; exit 3'"), "{s}");
         assert!(s.contains("'A=x y'"), "{s}");
@@ -347,8 +375,10 @@ mod tests {
     fn script_runs_with_env_and_cwd() {
         let dir = tempfile::tempdir().unwrap();
         let c = LabCommand::new(&["sh", "-c", "echo \"$A:$(pwd):$HOME\"; exit 7"]).env("A", "v w").cwd(dir.path());
-        let out = Command::new("sh").arg("-c").arg(c.script()).output().unwrap();
+        // A holder that exits at once: the script goes on without it and says so.
+        let out = Command::new("sh").arg("-c").arg(c.script(Some(Path::new("/bin/false")))).output().unwrap();
         assert_eq!(out.status.code(), Some(7));
         assert_eq!(String::from_utf8_lossy(&out.stdout), format!("v w:{}:\n", dir.path().display()));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("could not hold a KVM VM"));
     }
 }
