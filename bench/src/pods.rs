@@ -95,8 +95,8 @@ pub struct ProcMem {
     pub template_pss_kib: u64,
     /// Pages of the template mapping this VM wrote (copied on write).
     pub template_anon_kib: u64,
-    /// hull-vmm only: PSS by mapping name (the path's file name, or
-    /// `[heap]`, `[anon]`, ...), to say where a VMM's memory is.
+    /// PSS by mapping name (the path's file name, or `[heap]`, `[anon]`,
+    /// ...), to say where a process's memory is.
     #[serde(default)]
     pub pss_by_mapping_kib: BTreeMap<String, u64>,
 }
@@ -118,6 +118,12 @@ pub struct Density {
     pub by_kind_kib: BTreeMap<String, f64>,
     /// Private_Clean + Private_Dirty of each hull-vmm.
     pub vmm_private_kib: Summary,
+    /// Machine CPU (ms per s) with the K sandboxes idle, and before they
+    /// started: what an idle sandbox costs in CPU (its guest's timers etc.).
+    #[serde(default)]
+    pub idle_cpu_ms_per_s: f64,
+    #[serde(default)]
+    pub idle_cpu_before_ms_per_s: f64,
     pub errors: Vec<String>,
 }
 
@@ -568,6 +574,7 @@ impl Env {
     fn density(&mut self, k: usize) -> Density {
         let ids: Vec<String> = (0..k).map(|_| self.next_id("idle")).collect();
         let mut d = Density { k, ..Default::default() };
+        d.idle_cpu_before_ms_per_s = idle_rate(Duration::from_secs(5));
         // Two at a time: the sandboxes are idle when measured either way.
         let me = &*self;
         std::thread::scope(|s| {
@@ -586,6 +593,7 @@ impl Env {
         });
         // Let start-up work (page cache, background refills) settle.
         std::thread::sleep(Duration::from_secs(5));
+        d.idle_cpu_ms_per_s = idle_rate(Duration::from_secs(10));
         let template_inodes = template_memory_inodes(&self.state.join("templates"));
         for (pid, kind) in procs() {
             match proc_mem(pid, &kind, &template_inodes) {
@@ -754,7 +762,7 @@ fn parse_smaps(pid: u32, kind: &str, text: &str, template_inodes: &HashSet<u64>)
             }
             "Pss:" => {
                 m.pss_kib += kib;
-                if kind == "hull-vmm" && kib > 0 {
+                if kib > 0 {
                     *m.pss_by_mapping_kib.entry(name.clone()).or_default() += kib;
                 }
                 if in_template {
@@ -843,10 +851,10 @@ Pss:                   6 kB
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         assert_eq!(m.pss_by_mapping_kib, want);
-        // Another inode is not the template, and other kinds keep no breakdown.
+        // Another inode is not the template.
         let m = parse_smaps(9, "shim", text, &HashSet::from([78]));
         assert_eq!(m.template_pss_kib, 0);
-        assert!(m.pss_by_mapping_kib.is_empty());
+        assert_eq!(m.pss_by_mapping_kib["memory"], 100);
     }
 
     #[test]

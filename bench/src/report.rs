@@ -240,7 +240,7 @@ fn targets(r: &Report) -> Vec<Target> {
                             .map(|p| p.private_kib.saturating_sub(p.template_anon_kib) as f64 / 1024.0)
                             .collect::<Vec<_>>(),
                     );
-                    let maps: Vec<String> = median_vmm(d)
+                    let maps: Vec<String> = median_of_kind(d, "hull-vmm")
                         .map(|v| top_mappings(v, 4))
                         .unwrap_or_default()
                         .into_iter()
@@ -410,10 +410,23 @@ pub fn print_table(r: &Report) {
             writeln!(out, "  template resident (once):        {:>8.1} MiB", d.template_resident_kib as f64 / 1024.0)
                 .ok();
             writeln!(out, "  hull-vmm Private_Clean+Dirty p50: {:>7.1} MiB", d.vmm_private_kib.p50 / 1024.0).ok();
-            if let Some(v) = median_vmm(d) {
-                writeln!(out, "  one hull-vmm's PSS by mapping (the median one, pid {}):", v.pid).ok();
-                for (name, kib) in top_mappings(v, 8) {
-                    writeln!(out, "    {:<30}{:>8.1} MiB", name, kib as f64 / 1024.0).ok();
+            if d.idle_cpu_ms_per_s > 0.0 {
+                writeln!(
+                    out,
+                    "  machine CPU with them idle: {:.0} ms/s (before: {:.0} ms/s) = {:.1} ms/s per idle sandbox",
+                    d.idle_cpu_ms_per_s,
+                    d.idle_cpu_before_ms_per_s,
+                    (d.idle_cpu_ms_per_s - d.idle_cpu_before_ms_per_s) / d.running.max(1) as f64
+                )
+                .ok();
+            }
+            for kind in ["hull-vmm", "shim", "virtiofsd"] {
+                if let Some(v) = median_of_kind(d, kind) {
+                    let parts: Vec<String> = top_mappings(v, 6)
+                        .into_iter()
+                        .map(|(n, kib)| format!("{n} {:.1}", kib as f64 / 1024.0))
+                        .collect();
+                    writeln!(out, "  median {kind}'s PSS by mapping, MiB: {}", parts.join(", ")).ok();
                 }
             }
         }
@@ -697,9 +710,9 @@ pub fn shim_phase_p50s(splits: &[crate::pods::Split]) -> Vec<(String, f64)> {
     names.into_iter().map(|n| (n.clone(), crate::stats::Summary::of(&values[&n]).p50)).collect()
 }
 
-/// The hull-vmm with the median PSS.
-fn median_vmm(d: &crate::pods::Density) -> Option<&crate::pods::ProcMem> {
-    let mut v: Vec<&crate::pods::ProcMem> = d.procs.iter().filter(|p| p.kind == "hull-vmm").collect();
+/// The process of `kind` with the median PSS.
+fn median_of_kind<'a>(d: &'a crate::pods::Density, kind: &str) -> Option<&'a crate::pods::ProcMem> {
+    let mut v: Vec<&crate::pods::ProcMem> = d.procs.iter().filter(|p| p.kind == kind).collect();
     v.sort_by_key(|p| p.pss_kib);
     v.get(v.len() / 2).copied()
 }

@@ -704,7 +704,7 @@ impl HostCgroups {
             return;
         }
         let me = self.clone();
-        let r = std::thread::Builder::new().name("cgroup-pool".into()).spawn(move || {
+        let started = crate::background::spawn("cgroup-pool", move || {
             match me.refill() {
                 Ok(0) => {}
                 Ok(n) => debug!("cgroup pool: made {n} entries"),
@@ -712,8 +712,7 @@ impl HostCgroups {
             }
             me.inner.refilling.store(false, Ordering::SeqCst);
         });
-        if let Err(e) = r {
-            warn!("cgroup pool: cannot start the refill thread: {e}");
+        if started.is_none() {
             self.inner.refilling.store(false, Ordering::SeqCst);
         }
     }

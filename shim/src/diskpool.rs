@@ -87,12 +87,14 @@ impl DiskPool {
             f.set_len(self.size_bytes()).map_err(|e| format!("size {}: {e}", tmp.display()))?;
             drop(f);
             // -m 0: no blocks reserved for root (a container layer, not a
-            // system disk). lazy_journal_init: the journal is a hole of a
-            // fresh sparse file, already zero; writing 64 MiB of zeros would
-            // only un-sparse it. Inode tables are marked zeroed by mkfs's
-            // discard (hole punching), so the guest has no lazy init to do.
+            // system disk). No journal: the layer is thrown away with its
+            // container and never outlives a guest crash, so there is
+            // nothing to recover; without one the guest runs no jbd2 thread
+            // and keeps no journal buffers per container. Inode tables are
+            // marked zeroed by mkfs's discard (hole punching), so the guest
+            // has no lazy init to do.
             let out = Command::new(&self.mkfs)
-                .args(["-q", "-F", "-m", "0", "-L", "hull-rw", "-E", "lazy_journal_init=1"])
+                .args(["-q", "-F", "-m", "0", "-L", "hull-rw", "-O", "^has_journal"])
                 .arg(&tmp)
                 .output()
                 .map_err(|e| format!("run {}: {e}", self.mkfs.display()))?;
@@ -193,16 +195,13 @@ impl DiskPool {
     }
 
     /// Refills in a background thread; errors are logged.
-    pub fn refill_in_background(&self) -> std::thread::JoinHandle<()> {
+    pub fn refill_in_background(&self) -> Option<std::thread::JoinHandle<()>> {
         let pool = self.clone();
-        std::thread::Builder::new()
-            .name("disk-pool-refill".into())
-            .spawn(move || match pool.refill() {
-                Ok(0) => {}
-                Ok(n) => log::debug!("disk pool {}: formatted {n} disk(s)", pool.dir.display()),
-                Err(e) => log::warn!("disk pool {}: refill failed: {e}", pool.dir.display()),
-            })
-            .expect("spawn disk-pool-refill thread")
+        crate::background::spawn("disk-pool-refill", move || match pool.refill() {
+            Ok(0) => {}
+            Ok(n) => log::debug!("disk pool {}: formatted {n} disk(s)", pool.dir.display()),
+            Err(e) => log::warn!("disk pool {}: refill failed: {e}", pool.dir.display()),
+        })
     }
 }
 
@@ -230,6 +229,14 @@ mod tests {
         b == [0x53, 0xef]
     }
 
+    /// s_feature_compat & EXT4_FEATURE_COMPAT_HAS_JOURNAL.
+    fn has_journal(p: &Path) -> bool {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 4];
+        File::open(p).unwrap().read_exact_at(&mut b, 1024 + 0x5C).unwrap();
+        u32::from_le_bytes(b) & 0x4 != 0
+    }
+
     #[test]
     fn make_take_refill() {
         let dir = tempfile::tempdir().unwrap();
@@ -244,6 +251,7 @@ mod tests {
         assert_eq!(m.len(), 64 << 20);
         assert!(m.blocks() * 512 < 16 << 20, "the image is sparse: {} bytes used", m.blocks() * 512);
         assert!(ext4_magic(&pod.join("d0.img")));
+        assert!(!has_journal(&pod.join("d0.img")), "a throw-away layer needs no journal");
 
         assert_eq!(pool.refill().unwrap(), 2);
         assert_eq!(pool.ready().len(), 2);
@@ -251,7 +259,7 @@ mod tests {
         assert_eq!(pool.take(&pod.join("d1.img")).unwrap(), Taken::FromPool);
         assert!(ext4_magic(&pod.join("d1.img")));
         assert_eq!(pool.ready().len(), 1);
-        pool.refill_in_background().join().unwrap();
+        pool.refill_in_background().unwrap().join().unwrap();
         assert_eq!(pool.ready().len(), 2);
         // No temporary files left.
         let names: Vec<String> =

@@ -2,6 +2,7 @@
 //! and one KVM microVM (hull-vmm) serve a whole pod; containers run inside
 //! it, driven through hull-agent's ttrpc API.
 
+pub mod background;
 pub mod cgroups;
 pub mod cleanup;
 pub mod config;

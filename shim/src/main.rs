@@ -35,6 +35,10 @@ fn build_template() -> Result<(), String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // One malloc arena: a shim lives as long as its pod and allocates
+    // little, so glibc's per-thread arenas would only keep idle memory.
+    // SAFETY: mallopt before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let own: Option<fn() -> Result<(), String>> = match std::env::args().nth(1).as_deref() {
         Some("fill-disk-pool") => Some(fill_disk_pool),
         Some("build-template") => Some(build_template),
@@ -49,7 +53,9 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A shim serves one pod: two workers are plenty, and on a many-core host
+    // the default (one per CPU) would give every pod dozens of idle threads.
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("containerd-shim-hull-v2: tokio runtime: {e}");
