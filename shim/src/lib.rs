@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod cleanup;
 pub mod config;
 pub mod diskpool;
+pub mod events;
 pub mod io;
 pub mod jail;
 pub mod mounts;

@@ -12,6 +12,7 @@
 //! shows the guest pids.
 
 use crate::config::Config;
+use crate::events::Publisher;
 use crate::io::{self, IoTasks, Stdio};
 use crate::pod;
 use crate::rootfs::{self, RootfsMount};
@@ -19,19 +20,18 @@ use crate::sandbox::{Sandbox, SandboxSpec};
 use crate::spec;
 use async_trait::async_trait;
 use containerd_shim::api;
-use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused, TaskResumed,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
-use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::protobuf::{Message, MessageField};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::Status;
-use containerd_shim::{Context, TtrpcResult};
+use containerd_shim::TtrpcResult;
 use hull_agent_api::proto::agent as pb;
 use hull_agent_api::ClientError;
 use log::{debug, error, info, warn};
@@ -172,10 +172,13 @@ impl Container {
     }
 }
 
+/// The protobuf package of the cgroup v2 metrics `stats` answers with.
+pub const METRICS_PACKAGE: &str = "io.containerd.cgroups.v2";
+
 struct Inner {
     cfg: Result<Config, String>,
     namespace: String,
-    publisher: Option<RemotePublisher>,
+    publisher: Option<Publisher>,
     exit: Arc<ExitSignal>,
     /// The pod VM; also serializes create, delete and shutdown.
     sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
@@ -192,7 +195,7 @@ impl HullTask {
     pub fn new(
         cfg: Result<Config, String>,
         namespace: &str,
-        publisher: Option<RemotePublisher>,
+        publisher: Option<Publisher>,
         exit: Arc<ExitSignal>,
     ) -> HullTask {
         HullTask {
@@ -207,9 +210,9 @@ impl HullTask {
         }
     }
 
-    async fn publish(&self, topic: &str, ev: Box<dyn MessageDyn>) {
+    async fn publish<M: Message>(&self, topic: &str, ev: &M) {
         if let Some(p) = &self.inner.publisher {
-            if let Err(e) = p.publish(Context::default(), topic, &self.inner.namespace, ev).await {
+            if let Err(e) = p.publish(topic, &self.inner.namespace, ev).await {
                 error!("publishing {topic}: {e}");
             }
         }
@@ -276,7 +279,7 @@ impl HullTask {
                         info!("container {cid}: OOM kill");
                         task.publish(
                             topics::TASK_OOM_EVENT_TOPIC,
-                            Box::new(TaskOOM { container_id: cid, ..Default::default() }),
+                            &TaskOOM { container_id: cid, ..Default::default() },
                         )
                         .await;
                     }
@@ -319,7 +322,7 @@ impl HullTask {
                     exited_at: MessageField::some(at),
                     ..Default::default()
                 };
-                task.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+                task.publish(topics::TASK_EXIT_EVENT_TOPIC, &ev).await;
             }
         });
     }
@@ -475,7 +478,7 @@ impl HullTask {
             pid: sandbox.vmm_pid(),
             ..Default::default()
         };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, &ev).await;
         Ok(sandbox.vmm_pid())
     }
 
@@ -514,7 +517,7 @@ impl HullTask {
             id: c.id.clone(),
             ..Default::default()
         };
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev)).await;
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, &ev).await;
         if self.inner.containers.lock().unwrap().is_empty() {
             if let Some(s) = sb.take() {
                 info!("pod {}: last container deleted; shutting the VM down", s.id);
@@ -589,11 +592,11 @@ impl Task for HullTask {
                 trim_heap();
                 self.publish(
                     topics::TASK_START_EVENT_TOPIC,
-                    Box::new(containerd_shim::protos::events::task::TaskStart {
+                    &containerd_shim::protos::events::task::TaskStart {
                         container_id: c.id.clone(),
                         pid,
                         ..Default::default()
-                    }),
+                    },
                 )
                 .await;
             }
@@ -626,12 +629,12 @@ impl Task for HullTask {
                 debug!("exec {}/{exec_id} started (guest pid {guest_pid})", c.id);
                 self.publish(
                     topics::TASK_EXEC_STARTED_EVENT_TOPIC,
-                    Box::new(TaskExecStarted {
+                    &TaskExecStarted {
                         container_id: c.id.clone(),
                         exec_id: exec_id.clone(),
                         pid,
                         ..Default::default()
-                    }),
+                    },
                 )
                 .await;
             }
@@ -678,7 +681,7 @@ impl Task for HullTask {
         }
         self.publish(
             topics::TASK_EXEC_ADDED_EVENT_TOPIC,
-            Box::new(TaskExecAdded { container_id: c.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() }),
+            &TaskExecAdded { container_id: c.id.clone(), exec_id: req.exec_id.clone(), ..Default::default() },
         )
         .await;
         Ok(api::Empty::new())
@@ -754,11 +757,8 @@ impl Task for HullTask {
         if c.init.status() == ProcStatus::Running {
             c.init.set_status(ProcStatus::Paused);
         }
-        self.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused { container_id: c.id.clone(), ..Default::default() }),
-        )
-        .await;
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, &TaskPaused { container_id: c.id.clone(), ..Default::default() })
+            .await;
         Ok(api::Empty::new())
     }
 
@@ -770,7 +770,7 @@ impl Task for HullTask {
         }
         self.publish(
             topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed { container_id: c.id.clone(), ..Default::default() }),
+            &TaskResumed { container_id: c.id.clone(), ..Default::default() },
         )
         .await;
         Ok(api::Empty::new())
@@ -819,7 +819,7 @@ impl Task for HullTask {
             }),
             ..Default::default()
         };
-        let any = containerd_shim::util::convert_to_any(Box::new(m)).map_err(|e| err(Code::INTERNAL, e))?;
+        let any = crate::events::any_of(METRICS_PACKAGE, &m).map_err(|e| err(Code::INTERNAL, e))?;
         Ok(api::StatsResponse { stats: MessageField::some(any), ..Default::default() })
     }
 

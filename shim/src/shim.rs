@@ -48,6 +48,14 @@ pub struct HullShim {
     cfg: Result<Config, String>,
 }
 
+impl HullShim {
+    /// The Task service, publishing events to containerd at `ttrpc_address`.
+    fn task_service(&self, ttrpc_address: &str) -> HullTask {
+        let publisher = crate::events::Publisher::new(ttrpc_address.to_string());
+        HullTask::new(self.cfg.clone(), &self.namespace, Some(publisher), self.exit.clone())
+    }
+}
+
 fn other(msg: impl ToString) -> Error {
     Error::Other(msg.to_string())
 }
@@ -113,7 +121,7 @@ impl Shim for HullShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> HullTask {
-        HullTask::new(self.cfg.clone(), &self.namespace, Some(publisher), self.exit.clone())
+        self.task_service(&publisher.address)
     }
 }
 
@@ -243,8 +251,8 @@ async fn serve(mut shim: HullShim, flags: &Flags) -> Result<(), Error> {
         eprintln!("containerd-shim-hull-v2: no log fifo ({e}); logging to stderr is off");
     }
     let ttrpc_address = std::env::var("TTRPC_ADDRESS").map_err(|_| other("TTRPC_ADDRESS is not set"))?;
-    let publisher = RemotePublisher::new(&ttrpc_address).await?;
-    let task = shim.create_task_service(publisher).await;
+    // Our own publisher, not the crate's RemotePublisher (see events.rs).
+    let task = shim.task_service(&ttrpc_address);
     let Some(listener) = listen(&flags.socket).await? else {
         signal_server_started();
         return Ok(());

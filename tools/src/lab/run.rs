@@ -111,6 +111,16 @@ pub enum LabError {
 
 impl std::error::Error for LabError {}
 
+impl LabError {
+    /// The lab's own kernel panicked: the emulated machine failed, not the
+    /// job. Seen under bursts of nested VMs (QEMU 7.2's TCG took a host
+    /// interrupt right after VMRUN, before KVM restored the host's GS base:
+    /// a fault loop in `irqentry_enter`, "kernel stack overflow").
+    pub fn is_lab_kernel_panic(&self) -> bool {
+        matches!(self, LabError::NoStatus { console_tail, .. } if console_tail.contains("Kernel panic"))
+    }
+}
+
 impl std::fmt::Display for LabError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
