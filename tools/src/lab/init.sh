@@ -43,6 +43,13 @@ hostname hull-lab
 ip link set lo up 2>/dev/null
 
 status "ready $(cut -d' ' -f1 /proc/uptime)"
+# A heartbeat on the console: when a job times out, the console tail says
+# whether the lab froze (the heartbeats stop) or the job stalled, and in
+# what (its processes and their states).
+( while sleep 120; do
+    echo "lab: alive, up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    ps -o pid,ppid,stat,args | grep -v ' \[' | cut -c1-160 | tail -n 30
+  done > /dev/console 2>&1 ) &
 chroot /newroot /bin/sh /run/hull-lab/job.sh < /dev/null > "$port_stdout" 2> "$port_stderr"
 status "exit $?"
 sync

@@ -111,13 +111,28 @@ pub enum LabError {
 
 impl std::error::Error for LabError {}
 
+/// How often the lab's init prints its heartbeat (`lab: alive, up N s`).
+pub const HEARTBEAT: Duration = Duration::from_secs(120);
+
 impl LabError {
-    /// The lab's own kernel panicked: the emulated machine failed, not the
-    /// job. Seen under bursts of nested VMs (QEMU 7.2's TCG took a host
-    /// interrupt right after VMRUN, before KVM restored the host's GS base:
-    /// a fault loop in `irqentry_enter`, "kernel stack overflow").
-    pub fn is_lab_kernel_panic(&self) -> bool {
-        matches!(self, LabError::NoStatus { console_tail, .. } if console_tail.contains("Kernel panic"))
+    /// The emulated machine failed, not the job: its kernel panicked, or it
+    /// froze (its heartbeat stopped well before the job's time ran out).
+    /// Both seen under bursts of nested VMs with QEMU 7.2's TCG (README,
+    /// "The lab"); a job that hangs in a live lab is not one of them.
+    pub fn is_lab_failure(&self) -> bool {
+        match self {
+            LabError::NoStatus { console_tail, .. } => console_tail.contains("Kernel panic"),
+            LabError::Timeout { after, console_tail } => {
+                let last = console_tail
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("lab: alive, up ")?.split(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+                // Live to the end: a heartbeat within two periods (plus the
+                // boot) of the kill.
+                last < after.saturating_sub(HEARTBEAT * 2 + Duration::from_secs(30)).as_secs_f64()
+            }
+        }
     }
 }
 
@@ -367,6 +382,20 @@ fn which(prog: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lab_failures_are_told_from_job_failures() {
+        let timeout = |tail: &str| LabError::Timeout { after: Duration::from_secs(1200), console_tail: tail.into() };
+        let alive = "[ 1.0] boot\nlab: alive, up 1081.2 s, load 2.0 1.9 1.8\n  PID  PPID STAT COMMAND\n";
+        assert!(!timeout(alive).is_lab_failure(), "a job stalled in a live lab");
+        let froze = "[ 1.0] boot\nlab: alive, up 241.0 s, load 2.0 1.9 1.8\n";
+        assert!(timeout(froze).is_lab_failure(), "heartbeats stopped at 241 s of 1200");
+        assert!(timeout("[ 3.6] Unstable clock detected\n").is_lab_failure(), "no heartbeat at all");
+        let panic = LabError::NoStatus { detail: "x".into(), console_tail: "Kernel panic - not syncing".into() };
+        assert!(panic.is_lab_failure());
+        let died = LabError::NoStatus { detail: "x".into(), console_tail: "lab: alive, up 100 s".into() };
+        assert!(!died.is_lab_failure());
+    }
 
     #[test]
     fn script_quotes_everything() {
