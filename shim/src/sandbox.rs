@@ -88,6 +88,21 @@ impl SandboxPaths {
 }
 
 /// The last `lines` lines of a (log) file, for error reports.
+/// Logs the last lines of the guest console and of hull-vmm's and
+/// virtiofsd's output, headed `pod ID: WHAT; guest console (last lines)`:
+/// what is left to tell why a pod failed once its files are gone.
+pub fn log_tails(id: &str, paths: &SandboxPaths, what: &str) {
+    let console = tail(&paths.console(), 30);
+    let console = if console.is_empty() { "(nothing yet)".to_string() } else { console };
+    error!("pod {id}: {what}; guest console (last lines):\n{console}");
+    for process in ["hull-vmm", "virtiofsd"] {
+        let t = tail(&paths.log(process), 10);
+        if !t.is_empty() {
+            error!("pod {id}: {process} output (last lines):\n{t}");
+        }
+    }
+}
+
 pub fn tail(path: &Path, lines: usize) -> String {
     let Ok(mut f) = fs::File::open(path) else { return String::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -430,15 +445,7 @@ impl Sandbox {
         match Sandbox::start_in(cfg, &spec, &mut partial).await {
             Ok(s) => Ok(s),
             Err(e) => {
-                let console = tail(&paths.console(), 30);
-                let console = if console.is_empty() { "(nothing yet)".to_string() } else { console };
-                error!("pod {}: start failed; guest console (last lines):\n{console}", spec.id);
-                for what in ["hull-vmm", "virtiofsd"] {
-                    let t = tail(&paths.log(what), 10);
-                    if !t.is_empty() {
-                        error!("pod {}: {what} output (last lines):\n{t}", spec.id);
-                    }
-                }
+                log_tails(&spec.id, &paths, "start failed");
                 partial.undo().await;
                 Err(e)
             }

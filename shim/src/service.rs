@@ -375,7 +375,8 @@ impl HullTask {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 if self.inner.containers.lock().unwrap().is_empty() {
-                    info!("pod {}: its first container failed; shutting the VM down", sandbox.id);
+                    crate::sandbox::log_tails(&sandbox.id, &sandbox.paths, "its first container failed");
+                    info!("pod {}: shutting the VM down", sandbox.id);
                     sandbox.shutdown().await;
                     *sb = None;
                 }

@@ -84,8 +84,8 @@ dump_logs() {
     echo "--- containerd log (shim lines, last 80) ---" >&2
     grep -a -i 'hull\|shim' "$HULL_CTRD_DIR/containerd.log" | tail -n 80 >&2
     # A failed pod start logs its console and hull-vmm tails on lines of their own.
-    echo "--- failed pod starts (last 3, with the guest console and hull-vmm output) ---" >&2
-    grep -a -n 'start failed; guest console' "$HULL_CTRD_DIR/containerd.log" | tail -n 3 | cut -d: -f1 |
+    echo "--- failed pods (last 3, with the guest console and hull-vmm output) ---" >&2
+    grep -a -n 'failed; guest console' "$HULL_CTRD_DIR/containerd.log" | tail -n 3 | cut -d: -f1 |
         while read -r l; do sed -n "${l},$((l + 45))p" "$HULL_CTRD_DIR/containerd.log" >&2; done
     pod_logs
 }
@@ -654,6 +654,9 @@ if has leaks; then
             echo "$id: $(tail -n 3 "$work/$id.out")" >&2
             echo "--- $id: its lines in containerd's log (last 40, retries left out) ---" >&2
             grep -a "$id[^0-9]" "$HULL_CTRD_DIR/containerd.log" | grep -av retrying | tail -n 40 >&2
+            # Its guest console and hull-vmm output, if the shim logged them.
+            l="$(grep -a -n "pod $id: .*failed; guest console" "$HULL_CTRD_DIR/containerd.log" | tail -n 1 | cut -d: -f1)"
+            [ -n "$l" ] && sed -n "${l},$((l + 45))p" "$HULL_CTRD_DIR/containerd.log" >&2
             # A restored guest is sometimes lost under a burst in the lab
             # (README "Leaks"): the cycle runs once more, alone, and must
             # work then; what the failed one left behind is counted below.
