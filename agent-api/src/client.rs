@@ -142,9 +142,12 @@ impl AgentClient {
     /// Returns the pid of the container's init process (not yet running the
     /// user's program: see [`AgentClient::start_container`]).
     pub async fn create_container(&self, req: &CreateContainerRequest) -> Result<u32> {
-        self.call("CreateContainer", true, |c, ctx| async move { c.create_container(ctx, req).await })
-            .await
-            .map(|r| r.pid)
+        self.create_container_timed(req).await.map(|r| r.pid)
+    }
+
+    /// [`AgentClient::create_container`] with the agent's phase marks.
+    pub async fn create_container_timed(&self, req: &CreateContainerRequest) -> Result<CreateContainerResponse> {
+        self.call("CreateContainer", true, |c, ctx| async move { c.create_container(ctx, req).await }).await
     }
 
     pub async fn start_container(&self, container_id: &str) -> Result<u32> {

@@ -16,6 +16,7 @@
 //! holds the checks the agent applies to every request.
 
 pub mod client;
+pub mod phases;
 pub mod stdio;
 pub mod transport;
 pub mod validate;

@@ -5,6 +5,7 @@
 //!
 //! Calls are blocking; the server runs them on blocking threads.
 
+use hull_agent_api::phases::Phases;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 use std::os::fd::OwnedFd;
 
@@ -48,6 +49,8 @@ pub struct ProcessIo {
 pub struct ProcessHandle {
     pub pid: u32,
     pub io: ProcessIo,
+    /// Where creating it took its time (empty where not measured).
+    pub phases: Phases,
 }
 
 /// A container to create. `layers` are validated relative paths (no `..`,

@@ -12,7 +12,6 @@ pub mod io;
 pub mod jail;
 pub mod mounts;
 pub mod network;
-pub mod phases;
 pub mod pod;
 pub mod rootfs;
 pub mod sandbox;

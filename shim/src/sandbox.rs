@@ -454,7 +454,7 @@ impl Sandbox {
 
     async fn start_in(cfg: &Config, spec: &SandboxSpec, partial: &mut Partial) -> Result<Sandbox, String> {
         let paths = partial.paths.clone();
-        let mut phases = crate::phases::Phases::new();
+        let mut phases = hull_agent_api::phases::Phases::new();
         write_pid(&paths.pid_file("shim"), std::process::id())?;
         for d in [paths.shared(), paths.vm(), paths.disks()] {
             fs::create_dir(&d).map_err(|e| format!("create {}: {e}", d.display()))?;

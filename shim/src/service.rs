@@ -396,7 +396,7 @@ impl HullTask {
         layer_dirs: &[PathBuf],
         stdio: Stdio,
     ) -> TtrpcResult<u32> {
-        let mut phases = crate::phases::Phases::new();
+        let mut phases = hull_agent_api::phases::Phases::new();
         let shared = sandbox.shared();
         let release = |shared: &Path| {
             if let Err(e) = rootfs::release(shared, id) {
@@ -430,8 +430,11 @@ impl HullTask {
             stdio: MessageField::some(io::agent_stdio(&stdio)),
             ..Default::default()
         };
-        let guest_pid = match sandbox.agent.create_container(&creq).await {
-            Ok(p) => p,
+        let guest_pid = match sandbox.agent.create_container_timed(&creq).await {
+            Ok(r) => {
+                phases.extend("guest-", &r.phases);
+                r.pid
+            }
             Err(e) => {
                 release(&shared);
                 return Err(agent_err(e));

@@ -88,6 +88,7 @@ use crate::backend::{
     Backend, BackendError, CreateSpec, ExitInfo, ProcessHandle, ProcessIo, Result, Stats, StdioConfig,
 };
 use cgroup_pool::{CgroupPool, Slot};
+use hull_agent_api::phases::Phases;
 use oci_spec::runtime::{LinuxResources, Process, Spec};
 use reaper::{ExitCell, Reaper};
 use std::collections::HashMap;
@@ -287,14 +288,17 @@ impl LibcontainerBackend {
 
     fn create_inner(&self, c: &CreateSpec, undo: &mut Undo) -> Result<(Arc<Ctr>, ProcessHandle)> {
         let id = c.id.as_str();
+        let mut phases = Phases::new();
         let dir = self.cfg.state_dir.join(id);
         rootfs::remove_dir_with_mounts(&dir).map_err(internal)?;
         let _ = fs::remove_dir_all(self.lc_root.join(id));
         fs::create_dir_all(&dir).map_err(|e| internal(format!("create {}: {e}", dir.display())))?;
         undo.dir = Some(dir.clone());
+        phases.mark("dirs");
 
         self.shared.ensure()?;
         let layers = rootfs::resolve_layers(self.shared.root(), &c.layers)?;
+        phases.mark("layers");
         let upper = match c.rw_disk_serial.as_deref().filter(|s| !s.is_empty()) {
             Some(serial) => rootfs::Upper::Disk { serial, sys_block: &self.cfg.sys_block, dev_dir: &self.cfg.dev_dir },
             None => rootfs::Upper::Tmpfs,
@@ -302,6 +306,7 @@ impl LibcontainerBackend {
         let (rootfs_path, mounts) = rootfs::assemble(&dir, &layers, upper)?;
         drop(layers);
         undo.mounts = Some(mounts);
+        phases.mark("rootfs");
 
         let slot = self.pool.take()?;
         undo.slot = Some(slot.clone());
@@ -309,10 +314,13 @@ impl LibcontainerBackend {
             cgroup_pool::apply_resources(&slot.rel, res)
                 .map_err(|e| BackendError::InvalidArgument(format!("linux.resources of container {id}: {e}")))?;
         }
+        phases.mark("cgroup");
         let spec = runtime::bundle_spec(&c.spec, &rootfs_path, &slot.rel, c.stdio.terminal)?;
         runtime::write_json(&dir.join("config.json"), serde_json::to_vec_pretty(&spec))?;
+        phases.mark("spec");
 
         let (child, mut io) = runtime::make_init_stdio(c.stdio, &self.console_path())?;
+        phases.mark("stdio");
         // libcontainer removes its state when the build fails, but not when
         // receiving the console fails after it.
         undo.lc_dir = Some(self.lc_root.join(id));
@@ -325,6 +333,7 @@ impl LibcontainerBackend {
             let exit = self.reaper.watch(&held, built.pid);
             (built, exit)
         };
+        phases.mark("build");
         let pty = take_pty(built.pty, &mut io);
         self.oom.add(id, &slot.path);
         let ctr = Arc::new(Ctr {
@@ -340,7 +349,7 @@ impl LibcontainerBackend {
             }),
         });
         undo.disarm();
-        Ok((ctr.clone(), ProcessHandle { pid: built.pid, io }))
+        Ok((ctr.clone(), ProcessHandle { pid: built.pid, io, phases }))
     }
 
     fn exec_inner(&self, ctr: &Ctr, process: Process, stdio: StdioConfig) -> Result<(Arc<Proc>, ProcessHandle)> {
@@ -376,7 +385,7 @@ impl LibcontainerBackend {
         let _ = fs::remove_file(&pj);
         let (built, exit) = r?;
         let pty = io.pty.as_ref().and_then(|p| p.try_clone().ok());
-        Ok((Arc::new(Proc { exit, pty }), ProcessHandle { pid: built.pid, io }))
+        Ok((Arc::new(Proc { exit, pty }), ProcessHandle { pid: built.pid, io, phases: Phases::new() }))
     }
 }
 

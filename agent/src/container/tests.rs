@@ -479,8 +479,13 @@ const OUT_ERR: StdioConfig = StdioConfig { terminal: false, stdin: false, stdout
 const NO_STDIO: StdioConfig = StdioConfig { terminal: false, stdin: false, stdout: false, stderr: false };
 
 fn create(b: &LibcontainerBackend, id: &str, spec: Spec, stdio: StdioConfig) -> ProcessHandle {
-    b.create(CreateSpec { id: id.into(), spec, layers: layers(), rw_disk_serial: None, stdio })
-        .unwrap_or_else(|e| panic!("create {id}: {e:?}"))
+    let h = b
+        .create(CreateSpec { id: id.into(), spec, layers: layers(), rw_disk_serial: None, stdio })
+        .unwrap_or_else(|e| panic!("create {id}: {e:?}"));
+    // Every create reports where its time went, in order (hull-bench reads them).
+    let names: Vec<String> = h.phases.to_proto().into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["dirs", "layers", "rootfs", "cgroup", "spec", "stdio", "build"], "create {id}");
+    h
 }
 
 fn read_all(fd: OwnedFd) -> String {

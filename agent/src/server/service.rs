@@ -170,7 +170,7 @@ impl Agent for AgentService {
         };
         let handle = self.call(&what, move |b| b.create(c)).await?;
         self.stdio.register((req.container_id.clone(), None), handle.io);
-        Ok(CreateContainerResponse { pid: handle.pid, ..Default::default() })
+        Ok(CreateContainerResponse { pid: handle.pid, phases: handle.phases.to_proto(), ..Default::default() })
     }
 
     async fn start_container(&self, _: &TtrpcContext, req: ContainerRequest) -> Reply<StartContainerResponse> {

@@ -215,7 +215,8 @@ impl MockBackend {
             started: Default::default(),
         });
         self.procs.lock().unwrap().insert(key, p);
-        ProcessHandle { pid: 1000 + self.pid.fetch_add(1, std::sync::atomic::Ordering::Relaxed), io }
+        let pid = 1000 + self.pid.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ProcessHandle { pid, io, phases: Default::default() }
     }
 }
 
