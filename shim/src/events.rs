@@ -15,7 +15,7 @@ use containerd_shim::protos::shim::events::ForwardRequest;
 use containerd_shim::protos::shim_async::{Client, EventsClient};
 use containerd_shim::protos::ttrpc;
 use containerd_shim::Context;
-use log::{debug, warn};
+use log::warn;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -68,32 +68,36 @@ async fn send_loop(address: String, mut rx: mpsc::Receiver<Envelope>) {
     let mut client: Option<EventsClient> = None;
     while let Some(envelope) = rx.recv().await {
         let req = ForwardRequest { envelope: Some(envelope).into(), ..Default::default() };
+        let mut sent = false;
         for attempt in 1..=TRIES {
+            if attempt > 1 {
+                tokio::time::sleep(Duration::from_secs((attempt - 1).into())).await;
+            }
             let c = match &client {
                 Some(c) => c.clone(),
                 None => match connect(&address) {
                     Ok(c) => client.insert(c).clone(),
                     Err(e) => {
                         warn!("events: connecting to {address}: {e}");
-                        tokio::time::sleep(Duration::from_secs(attempt.into())).await;
                         continue;
                     }
                 },
             };
             match c.forward(Context::default(), &req).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    sent = true;
+                    break;
+                }
                 Err(e) => {
                     warn!("events: forwarding {} (try {attempt} of {TRIES}): {e:?}", req.envelope.topic);
                     if matches!(e, ttrpc::error::Error::RemoteClosed | ttrpc::error::Error::LocalClosed) {
                         client = None;
                     }
-                    if attempt == TRIES {
-                        debug!("events: dropped {}", req.envelope.topic);
-                    } else {
-                        tokio::time::sleep(Duration::from_secs(attempt.into())).await;
-                    }
                 }
             }
+        }
+        if !sent {
+            warn!("events: dropped {} after {TRIES} tries", req.envelope.topic);
         }
     }
 }

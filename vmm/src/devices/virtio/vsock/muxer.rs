@@ -327,8 +327,8 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if conn.flush().is_err() {
-            self.kill(key);
+        if let Err(e) = conn.flush() {
+            self.abort(key, &format!("writing to the host socket: {e}"));
             return;
         }
         if conn.host_buf_empty() && conn.guest_shut_send {
@@ -386,6 +386,14 @@ impl Muxer {
             let _ = self.epoll.ctl(ControlOperation::Delete, conn.stream.as_raw_fd(), EpollEvent::default());
         }
         Some(conn)
+    }
+
+    /// [`Muxer::kill`] for a connection ended by a fault, not by either side
+    /// closing it: logged, so a host process that sees its connection end
+    /// (`early eof`) can be told why.
+    fn abort(&mut self, key: ConnKey, why: &str) {
+        warn!("vsock: {}: reset: {why}", conn_name(key));
+        self.kill(key);
     }
 
     /// Removes a connection and resets it in the guest (unless the guest
@@ -461,11 +469,11 @@ impl Muxer {
         };
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
         match h.op {
-            OP_REQUEST => self.kill(key),
+            OP_REQUEST => self.abort(key, "the guest sent OP_REQUEST on an open connection"),
             OP_RESPONSE => {
                 // Only an answer to an OP_REQUEST the guest actually got.
                 if conn.state != ConnState::LocalInit || conn.pending_request {
-                    self.kill(key);
+                    self.abort(key, "unexpected OP_RESPONSE from the guest");
                     return;
                 }
                 conn.state = ConnState::Established;
@@ -475,11 +483,17 @@ impl Muxer {
                 self.flush_conn(key);
             }
             OP_RST => {
+                // After an orderly shutdown an RST is the guest's last word;
+                // before it, the guest dropped a live connection.
+                let orderly = conn.sent_shutdown == SHUTDOWN_F_BOTH || (conn.guest_shut_send && conn.guest_shut_rcv);
+                if !orderly && conn.state == ConnState::Established {
+                    warn!("vsock: {}: the guest reset the connection", conn_name(key));
+                }
                 self.remove(key);
             }
             OP_SHUTDOWN => {
                 if conn.state != ConnState::Established {
-                    self.kill(key);
+                    self.abort(key, "OP_SHUTDOWN before the connection was set up");
                     return;
                 }
                 if h.flags & SHUTDOWN_F_RECEIVE != 0 && !conn.guest_shut_rcv {
@@ -496,12 +510,11 @@ impl Muxer {
             }
             OP_RW => {
                 if conn.state != ConnState::Established || conn.guest_shut_send {
-                    self.kill(key);
+                    self.abort(key, "data from the guest on a connection not open for it");
                     return;
                 }
                 if conn.push_guest_data(&pkt.payload).is_err() {
-                    debug!("vsock: guest overran its credit or unix peer failed; reset");
-                    self.kill(key);
+                    self.abort(key, "the guest overran its credit or the host socket failed");
                     return;
                 }
                 self.flush_conn(key);
@@ -609,8 +622,8 @@ impl Muxer {
                         conn.stream_readable = false;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        self.kill(key);
+                    Err(e) => {
+                        self.abort(key, &format!("reading the host socket: {e}"));
                         return None;
                     }
                 }
@@ -642,17 +655,29 @@ impl Muxer {
     }
 
     pub fn process_timeouts(&mut self, now: Instant) {
-        let expired: Vec<ConnKey> =
-            self.conns.values().filter(|c| c.deadline.is_some_and(|d| d <= now)).map(|c| c.key).collect();
-        for key in expired {
-            debug!("vsock: connection {key:?} timed out");
-            self.kill(key);
+        let expired: Vec<(ConnKey, bool)> = self
+            .conns
+            .values()
+            .filter(|c| c.deadline.is_some_and(|d| d <= now))
+            .map(|c| (c.key, c.state == ConnState::LocalInit))
+            .collect();
+        for (key, connecting) in expired {
+            if connecting {
+                self.abort(key, "the guest did not answer the connection request in time");
+            } else {
+                debug!("vsock: connection {key:?}: close timed out");
+                self.kill(key);
+            }
         }
         let expired: Vec<u64> = self.handshakes.iter().filter(|(_, h)| h.deadline <= now).map(|(t, _)| *t).collect();
         for t in expired {
             self.drop_handshake(t);
         }
     }
+}
+
+fn conn_name(key: ConnKey) -> String {
+    format!("connection host port {} <-> guest port {}", key.local_port, key.peer_port)
 }
 
 #[cfg(test)]
