@@ -111,6 +111,7 @@ impl MockBackend {
                 stderr: pipe(stdio.stderr, true),
                 pty: pty.flatten(),
             },
+            phases: Default::default(),
         })
     }
 }
