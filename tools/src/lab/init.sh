@@ -36,6 +36,14 @@ mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 mount -t tmpfs shm /newroot/dev/shm
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
+# The first memory cgroup switches the kernel's memcg static keys on, which
+# rewrites code on every CPU. Under QEMU TCG that has locked up both CPUs of
+# the lab when one ran the code being rewritten (twice in session 8, both at
+# a job's first cgroup mkdir: soft lockups at kmem_cache_alloc). Do it now,
+# while nothing else runs, and keep the cgroup: the socket key would switch
+# off again with the last memory cgroup.
+echo +memory > /newroot/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
+mkdir -p /newroot/sys/fs/cgroup/lab-static-keys 2>/dev/null
 mount -t tmpfs -o mode=0755 run /newroot/run
 mkdir -p /newroot/run/hull-lab
 cp /job.sh /newroot/run/hull-lab/job.sh
