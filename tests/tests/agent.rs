@@ -43,7 +43,7 @@ fn container_library_tests_in_the_lab() {
     let cmd =
         LabCommand::new(&[bin.to_string_lossy().as_ref(), "--ignored", "--test-threads=1", "--skip", "lab_bench"])
             .timeout(Duration::from_secs(900));
-    let out = lab.run(&cmd).expect("lab run");
+    let out = lab.run_job(&cmd).expect("lab run");
     let stdout = out.stdout_str();
     eprintln!("{stdout}");
     assert_eq!(out.status, 0, "{stdout}\nstderr:\n{}", out.stderr_str());

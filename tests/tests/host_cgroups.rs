@@ -12,7 +12,7 @@ fn host_cgroups_v2_in_the_lab() {
     let lab = Lab::new().expect("lab");
     let cmd = LabCommand::new(&[bin.to_string_lossy().as_ref(), "--ignored", "--test-threads=1", "cgroups::"])
         .timeout(Duration::from_secs(600));
-    let out = lab.run(&cmd).expect("lab run");
+    let out = lab.run_job(&cmd).expect("lab run");
     let stdout = out.stdout_str();
     eprintln!("{stdout}");
     assert_eq!(out.status, 0, "{stdout}\nstderr:\n{}", out.stderr_str());

@@ -31,9 +31,11 @@ impl MicroVmHost {
         }
     }
 
+    /// Runs `cmd` here or in the lab (there once more if the lab machine
+    /// itself failed: [`Lab::run_job`]).
     pub fn run(&self, cmd: &LabCommand) -> Result<LabOutput> {
         match self {
-            MicroVmHost::Lab(lab) => lab.run(cmd),
+            MicroVmHost::Lab(lab) => lab.run_job(cmd),
             MicroVmHost::Native => run_native(cmd),
         }
     }

@@ -175,6 +175,20 @@ impl Lab {
         Ok(o)
     }
 
+    /// [`Lab::run`], once more if the lab machine itself failed
+    /// ([`LabError::is_lab_failure`]: its kernel panicked or it froze under
+    /// the emulator). For tests, which want the job's result, not QEMU's;
+    /// a job that fails or hangs in a live lab is not run again.
+    pub fn run_job(&self, cmd: &LabCommand) -> Result<LabOutput> {
+        match self.run(cmd) {
+            Err(e) if e.downcast_ref::<LabError>().is_some_and(LabError::is_lab_failure) => {
+                eprintln!("hull-lab: the lab machine failed ({e:#}); running {:?} again", cmd.argv);
+                self.run(cmd)
+            }
+            r => r,
+        }
+    }
+
     /// Runs `cmd`, writing its stdout and stderr to the given sinks as it goes.
     pub fn run_streaming(&self, cmd: &LabCommand, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<LabOutput> {
         let _lock = FileLock::exclusive(&cache_dir().join("lab/run.lock"))?;
