@@ -38,8 +38,8 @@ mount -t tmpfs shm /newroot/dev/shm
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 # The first memory cgroup switches the kernel's memcg static keys on, which
 # rewrites code on every CPU. Under QEMU TCG that has locked up both CPUs of
-# the lab when one ran the code being rewritten (twice in session 8, both at
-# a job's first cgroup mkdir: soft lockups at kmem_cache_alloc). Do it now,
+# the lab when one ran the code being rewritten (session 8: soft lockups at
+# kmem_cache_alloc during a job's first cgroup mkdir). Do it now,
 # while nothing else runs, and keep the cgroup: the socket key would switch
 # off again with the last memory cgroup.
 echo +memory > /newroot/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null
