@@ -32,6 +32,15 @@ impl Phases {
         self.marks.extend(marks.iter().map(|m| (format!("{prefix}{}", m.name), u128::from(m.ms))));
     }
 
+    /// Like `extend`, for marks in this type's text form (hull-vmm's
+    /// readiness line). Parts that are not "name ms" are an error.
+    pub fn extend_text(&mut self, prefix: &str, text: &str) -> Result<(), String> {
+        for (name, ms) in parse(text)? {
+            self.marks.push((format!("{prefix}{name}"), ms));
+        }
+        Ok(())
+    }
+
     /// The marks as sent on the wire.
     pub fn to_proto(&self) -> Vec<crate::proto::agent::Phase> {
         let ms = |v: u128| u32::try_from(v).unwrap_or(u32::MAX);
@@ -65,6 +74,22 @@ impl fmt::Display for Phases {
     }
 }
 
+/// The marks of a text in the `Display` form, in order.
+pub fn parse(text: &str) -> Result<Vec<(String, u128)>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    text.split(", ")
+        .map(|part| {
+            let (name, ms) =
+                part.rsplit_once(' ').ok_or_else(|| format!("phase mark {part:?}: expected \"name ms\""))?;
+            let ms = ms.parse().map_err(|_| format!("phase mark {part:?}: {ms:?} is not a number of ms"))?;
+            Ok((name.to_string(), ms))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,14 +101,8 @@ mod tests {
         p.mark("first");
         p.mark("second");
         let s = p.to_string();
-        let parts: Vec<(&str, u128)> = s
-            .split(", ")
-            .map(|x| {
-                let (n, ms) = x.rsplit_once(' ').unwrap();
-                (n, ms.parse().unwrap())
-            })
-            .collect();
-        assert_eq!(parts.iter().map(|p| p.0).collect::<Vec<_>>(), ["first", "second"]);
+        let parts = parse(&s).unwrap();
+        assert_eq!(parts.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["first", "second"]);
         assert!(parts[0].1 >= 20, "{s}");
         assert!(parts[1].1 < 20, "{s}");
         assert!(p.total_ms() >= parts[0].1 + parts[1].1);
@@ -107,5 +126,21 @@ mod tests {
         assert!(s.starts_with(&format!("guest-rootfs {}, guest-build {}, agent ", wire[0].ms, wire[1].ms)), "{s}");
         // The extension did not end a phase: "agent" still counts from the start.
         assert!(s.rsplit_once(' ').unwrap().1.parse::<u128>().unwrap() >= 15, "{s}");
+    }
+
+    #[test]
+    fn text_marks_are_parsed_back_or_refused() {
+        let mut shim = Phases::new();
+        shim.extend_text("vmm-", "fork 41, jail 12, restore 130").unwrap();
+        shim.mark("connect");
+        let s = shim.to_string();
+        assert!(s.starts_with("vmm-fork 41, vmm-jail 12, vmm-restore 130, connect "), "{s}");
+        assert_eq!(parse("").unwrap(), []);
+        assert!(parse("fork forty").unwrap_err().contains("\"forty\" is not a number"));
+        assert!(parse("fork").unwrap_err().contains("expected \"name ms\""));
+        // A refused text adds nothing.
+        let mut p = Phases::new();
+        assert!(p.extend_text("vmm-", "jail 3, seccomp x").is_err());
+        assert_eq!(p.to_string(), "");
     }
 }

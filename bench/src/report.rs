@@ -684,12 +684,8 @@ pub fn shim_phases(s: &crate::pods::Split) -> Vec<(String, f64)> {
         let Some(line) = s.raw.iter().find(|l| l.contains(marker)) else { continue };
         let Some((_, rest)) = line.split_once("phases ms: ") else { continue };
         let rest = rest.split([')', '"']).next().unwrap_or("");
-        for part in rest.split(", ") {
-            if let Some((name, ms)) = part.rsplit_once(' ') {
-                if let Ok(v) = ms.parse::<f64>() {
-                    out.push((format!("{prefix} {name}"), v));
-                }
-            }
+        for (name, ms) in hull_agent_api::phases::parse(rest).unwrap_or_default() {
+            out.push((format!("{prefix} {name}"), ms as f64));
         }
     }
     out

@@ -640,6 +640,8 @@ impl Sandbox {
         let vmm = partial.vmm.as_ref().unwrap();
 
         let timeout = Duration::from_secs(cfg.defaults.agent_ready_timeout_secs);
+        // hull-vmm's own start phases, from its readiness line.
+        let mut vmm_phases = String::new();
         let ready = async {
             let Some(notify) = &notify else {
                 // Restored: the agent already serves once hull-vmm says ready.
@@ -651,10 +653,11 @@ impl Sandbox {
                     .read_line(&mut line)
                     .await
                     .map_err(|e| format!("reading hull-vmm's readiness pipe: {e}"))?;
-                if line.trim() != "ready" {
+                let Some(rest) = line.trim().strip_prefix("ready") else {
                     // It exited without restoring: the select below reports how.
-                    std::future::pending::<()>().await;
-                }
+                    match std::future::pending::<std::convert::Infallible>().await {}
+                };
+                vmm_phases = rest.trim_start_matches("; phases ms: ").to_string();
                 return Ok("restored from the template".to_string());
             };
             loop {
@@ -689,6 +692,9 @@ impl Sandbox {
         };
         if notify.take().is_some() {
             let _ = fs::remove_file(paths.notify_socket());
+        }
+        if let Err(e) = phases.extend_text("vmm-", &vmm_phases) {
+            warn!("pod {}: hull-vmm's readiness line: {e}", spec.id);
         }
         phases.mark(if snapshot.is_some() { "restore" } else { "boot" });
         info!("pod {}: {line} ({} ms after start)", spec.id, phases.total_ms());

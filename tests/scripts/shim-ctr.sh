@@ -196,6 +196,8 @@ if has basic; then
     echo "INFO ctr run --rm (restore, run, shutdown): $(( ($(date +%s%N) - t0) / 1000000 )) ms"
     check "basic: second run from the template" "again" "$OUT"
     check "basic: the template was restored, not booted" 1 "$(grep -ac 'restored from the template' "$HULL_CTRD_DIR/containerd.log" | awk '{print ($1 >= 1)}')"
+    # hull-vmm's own start phases reach the pod's "ready in" line, in order.
+    check "basic: hull-vmm's start phases on the ready line" 1 "$(grep -a 'pod basic1b: ready in' "$HULL_CTRD_DIR/containerd.log" | grep -ac 'vmm-fork [0-9]*, vmm-jail [0-9]*, vmm-seccomp [0-9]*, vmm-threads [0-9]*, vmm-restore [0-9]*, restore [0-9]*')"
     # The pod's hull-vmm is jailed: PID 1 of its own PID namespace, an
     # unprivileged uid with no capabilities, its root the pod's vm/ directory.
     "${CTR[@]}" run -d "${RT[@]}" "$IMG" jail1 sleep 100000 </dev/null >/dev/null 2>&1

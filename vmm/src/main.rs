@@ -15,6 +15,7 @@ use hull_vmm::seccomp::{self, ThreadKind};
 use hull_vmm::vmm::VmmEvent;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 #[derive(Parser)]
 #[command(name = "hull-vmm", version, about = "hull's KVM microVM monitor")]
@@ -65,7 +66,8 @@ struct Cli {
     /// seccomp filters per thread kind (docs/security.md): "on" or "off".
     #[arg(long, default_value = SECCOMP_DEFAULT, value_parser = ["on", "off"])]
     seccomp: String,
-    /// An inherited descriptor (a pipe's write end) that gets "ready" and is
+    /// An inherited descriptor (a pipe's write end) that gets a line
+    /// "ready; phases ms: fork 40, jail 12, ..." (where its start went) and is
     /// closed once the VM runs (after --restore: once its devices serve, the
     /// vsock socket listening), so a parent waits without polling.
     #[arg(long)]
@@ -86,10 +88,60 @@ fn take_ready_fd(fd: i32) -> Result<std::fs::File, String> {
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
-/// Says "ready" on the --ready-fd pipe and closes it.
-fn announce_ready(ready: Option<std::fs::File>) {
+/// Where hull-vmm's own start went, in the shim's phase format
+/// (`hull_agent_api::phases`: "name ms, name ms, ..."): the shim adds them
+/// to its pod's phase marks as `vmm-*`.
+struct StartPhases {
+    last: Instant,
+    marks: Vec<(&'static str, u128)>,
+}
+
+impl StartPhases {
+    /// Starts with `fork`: from the fork that made this process (its exec,
+    /// dynamic loading, up to main) to now, at clock-tick resolution.
+    fn new() -> StartPhases {
+        let mut marks = Vec::new();
+        if let Some(ms) = ms_since_fork() {
+            marks.push(("fork", ms));
+        }
+        StartPhases { last: Instant::now(), marks }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.marks.push((name, now.duration_since(self.last).as_millis()));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for StartPhases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.marks.iter().map(|(n, ms)| format!("{n} {ms}")).collect();
+        f.write_str(&parts.join(", "))
+    }
+}
+
+/// Milliseconds since this process was forked: its start time
+/// (/proc/self/stat field 22, clock ticks of boot time) against now.
+fn ms_since_fork() -> Option<u128> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may itself hold spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let start_ticks: u64 = rest.split(' ').nth(19)?.parse().ok()?;
+    // SAFETY: sysconf and clock_gettime only fill in plain values.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    if hz <= 0 || unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) } != 0 {
+        return None;
+    }
+    let now_ms = now.tv_sec as u128 * 1000 + now.tv_nsec as u128 / 1_000_000;
+    Some(now_ms.saturating_sub(u128::from(start_ticks) * 1000 / hz as u128))
+}
+
+/// Says "ready" with the start's phases on the --ready-fd pipe and closes it.
+fn announce_ready(ready: Option<std::fs::File>, phases: &StartPhases) {
     if let Some(mut f) = ready {
-        if let Err(e) = std::io::Write::write_all(&mut f, b"ready\n") {
+        if let Err(e) = std::io::Write::write_all(&mut f, format!("ready; phases ms: {phases}\n").as_bytes()) {
             eprintln!("hull-vmm: writing to --ready-fd: {e}");
         }
     }
@@ -171,6 +223,7 @@ fn confine(cli: &mut Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let mut phases = StartPhases::new();
     init_log();
     // No transparent huge pages for the monitor's own memory (guest memory
     // is a file mapping, not affected): a thread stack or buffer that
@@ -195,6 +248,7 @@ fn main() -> ExitCode {
         eprintln!("hull-vmm: {e}");
         return ExitCode::FAILURE;
     }
+    phases.mark("jail");
     // SIGTERM and SIGINT go to the signal thread only (its handler's write
     // is allowed there): every thread started from here on has them blocked.
     block_termination_signals(libc::SIG_BLOCK);
@@ -213,6 +267,7 @@ fn main() -> ExitCode {
         eprintln!("hull-vmm: starting the thread spawner: {e}");
         return ExitCode::FAILURE;
     }
+    phases.mark("seccomp");
     let listener = match &cli.api_socket {
         Some(p) => match api::bind(p) {
             Ok(l) => Some(l),
@@ -248,6 +303,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    phases.mark("threads");
     let console = match cli.console.as_str() {
         "stdout" => Console::Stdout,
         "off" => Console::Off,
@@ -269,7 +325,8 @@ fn main() -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
-        announce_ready(ready);
+        phases.mark("restore");
+        announce_ready(ready, &phases);
     } else if let Some(kernel) = cli.kernel {
         let config = VmConfig {
             kernel,
@@ -290,7 +347,8 @@ fn main() -> ExitCode {
             }
             return ExitCode::FAILURE;
         }
-        announce_ready(ready);
+        phases.mark("boot");
+        announce_ready(ready, &phases);
     }
     match controller.run() {
         Outcome::Clean(why) => {
