@@ -124,6 +124,11 @@ pub struct Density {
     pub idle_cpu_ms_per_s: f64,
     #[serde(default)]
     pub idle_cpu_before_ms_per_s: f64,
+    /// Where that idle CPU goes: ms per s per sandbox, by process kind and
+    /// thread name ("hull-vmm vcpu0", "shim tokio-runtime-w", ...); a
+    /// vCPU thread's figure includes the guest's own run time.
+    #[serde(default)]
+    pub idle_cpu_by_thread: BTreeMap<String, f64>,
     pub errors: Vec<String>,
 }
 
@@ -593,7 +598,14 @@ impl Env {
         });
         // Let start-up work (page cache, background refills) settle.
         std::thread::sleep(Duration::from_secs(5));
+        let hull = procs();
+        let t0 = (thread_cpu_ms(&hull), Instant::now());
         d.idle_cpu_ms_per_s = idle_rate(Duration::from_secs(10));
+        let (t1, secs) = (thread_cpu_ms(&hull), t0.1.elapsed().as_secs_f64());
+        for (name, ms) in t1 {
+            let delta = ms - t0.0.get(&name).copied().unwrap_or(0.0);
+            *d.idle_cpu_by_thread.entry(name).or_default() = delta / secs / d.running.max(1) as f64;
+        }
         let template_inodes = template_memory_inodes(&self.state.join("templates"));
         for (pid, kind) in procs() {
             match proc_mem(pid, &kind, &template_inodes) {
@@ -678,6 +690,32 @@ fn idle_rate(d: Duration) -> f64 {
     let t = Instant::now();
     std::thread::sleep(d);
     (cpu_ms() - c0) / t.elapsed().as_secs_f64()
+}
+
+/// CPU time (user + system, ms) so far of the threads of `procs`, summed by
+/// "kind thread-name" (digits at the end of a name kept: vcpu0 ≠ vcpu1).
+fn thread_cpu_ms(procs: &[(u32, String)]) -> BTreeMap<String, f64> {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut out = BTreeMap::new();
+    for (pid, kind) in procs {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for t in rd.flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+            let Some(ticks) = stat_cpu_ticks(&stat) else { continue };
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            *out.entry(format!("{kind} {}", comm.trim())).or_default() += ticks as f64 * 1000.0 / hz;
+        }
+    }
+    out
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/.../stat line.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    // The name in parentheses may hold spaces: count fields after it.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split(' ').collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// (pid, kind) of every hull-vmm, virtiofsd and hull shim.
@@ -824,6 +862,23 @@ mod tests {
         assert_eq!(number_before(m, " ms after start"), Some(1234.0));
         assert_eq!(number_after("ready in 87 ms (1 vCPU)", "ready in "), Some(87.0));
         assert_eq!(number_after("nothing", "ready in "), None);
+    }
+
+    #[test]
+    fn thread_cpu_from_stat() {
+        // A name with spaces and a parenthesis; utime 250, stime 31.
+        let stat = "812 (vcpu 0) x) S 800 812 800 0 -1 4194624 1 0 0 0 250 31 0 0 20 0 4 0 900";
+        assert_eq!(stat_cpu_ticks(stat), Some(281));
+        assert_eq!(stat_cpu_ticks("812 (x) S 1 2"), None);
+        // This test's own threads: some CPU, summed under "kind name".
+        let me = std::process::id();
+        let busy = Instant::now();
+        while busy.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        let by = thread_cpu_ms(&[(me, "test".into())]);
+        assert!(by.keys().all(|k| k.starts_with("test ")), "{by:?}");
+        assert!(by.values().sum::<f64>() > 0.0, "{by:?}");
     }
 
     #[test]

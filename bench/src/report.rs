@@ -420,6 +420,12 @@ pub fn print_table(r: &Report) {
                 )
                 .ok();
             }
+            let mut threads: Vec<(&String, &f64)> = d.idle_cpu_by_thread.iter().filter(|(_, v)| **v >= 0.05).collect();
+            threads.sort_by(|a, b| b.1.total_cmp(a.1));
+            if !threads.is_empty() {
+                let parts: Vec<String> = threads.iter().map(|(n, v)| format!("{n} {v:.1}")).collect();
+                writeln!(out, "  idle CPU per sandbox by thread, ms/s: {}", parts.join(", ")).ok();
+            }
             for kind in ["hull-vmm", "shim", "virtiofsd"] {
                 if let Some(v) = median_of_kind(d, kind) {
                     let parts: Vec<String> = top_mappings(v, 6)
