@@ -11,7 +11,7 @@
 //! to stderr as it comes (uncaptured), so a timed-out job still shows how
 //! far it got.
 
-use hull_tools::lab::{LabCommand, LabError};
+use hull_tools::lab::LabCommand;
 use hull_tools::runner::MicroVmHost;
 use std::io::Write;
 use std::time::Duration;
@@ -49,18 +49,12 @@ fn run_cases(cases: &str, minutes: u64, extra_env: &[(&str, &str)]) {
             // One more try only if the lab machine itself failed (its
             // kernel panicked or it froze: an emulator failure, README "The
             // lab"); any failure of the job fails the test.
-            let mut tries = 0;
-            loop {
-                tries += 1;
+            let r = lab.once_more_on_lab_failure(&format!("shim-ctr.sh {cases}"), |lab| {
                 let (mut out, mut err) = (Tee(Vec::new()), Tee(Vec::new()));
-                match lab.run_streaming(&cmd, &mut out, &mut err) {
-                    Ok(o) => break (o.status, String::from_utf8_lossy(&out.0).into_owned()),
-                    Err(e) if tries == 1 && e.downcast_ref::<LabError>().is_some_and(LabError::is_lab_failure) => {
-                        eprintln!("shim-ctr.sh {cases}: the lab machine failed ({e:#}); running the job again");
-                    }
-                    Err(e) => panic!("shim-ctr.sh {cases}: {e:#}"),
-                }
-            }
+                let o = lab.run_streaming(&cmd, &mut out, &mut err)?;
+                Ok((o.status, String::from_utf8_lossy(&out.0).into_owned()))
+            });
+            r.unwrap_or_else(|e| panic!("shim-ctr.sh {cases}: {e:#}"))
         }
         MicroVmHost::Native => {
             let o = host.run(&cmd).expect("run shim-ctr.sh");

@@ -180,10 +180,16 @@ impl Lab {
     /// the emulator). For tests, which want the job's result, not QEMU's;
     /// a job that fails or hangs in a live lab is not run again.
     pub fn run_job(&self, cmd: &LabCommand) -> Result<LabOutput> {
-        match self.run(cmd) {
+        self.once_more_on_lab_failure(&format!("{:?}", cmd.argv), |lab| lab.run(cmd))
+    }
+
+    /// Runs `job` (one lab run, e.g. a `run_streaming` with sinks of its
+    /// own) and, if the lab machine itself failed, once more.
+    pub fn once_more_on_lab_failure<T>(&self, what: &str, mut job: impl FnMut(&Lab) -> Result<T>) -> Result<T> {
+        match job(self) {
             Err(e) if e.downcast_ref::<LabError>().is_some_and(LabError::is_lab_failure) => {
-                eprintln!("hull-lab: the lab machine failed ({e:#}); running {:?} again", cmd.argv);
-                self.run(cmd)
+                eprintln!("hull-lab: the lab machine failed ({e:#}); running {what} again");
+                job(self)
             }
             r => r,
         }
