@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, builds, and boots the hull guest with hull-vmm, printing the
-# agent's ready line and its answer to a ping. Runs the microVM natively if this host's KVM can,
-# else inside the lab (an emulated KVM host).
+# Sets up, builds, and runs hull's main job (scripts/demo-ctr.sh): two
+# containers with `ctr run --rm --runtime io.containerd.hull.v2` through a
+# private containerd, the first building the VM template, the second
+# restored from it. Runs natively if this host's KVM can run guests, else
+# inside the lab (an emulated KVM host).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -11,4 +13,4 @@ scripts/setup.sh
 scripts/build.sh
 . target/hull-artifacts.env
 
-exec scripts/on-kvm-host.sh scripts/boot-guest.sh
+exec scripts/on-kvm-host.sh scripts/demo-ctr.sh

@@ -30,12 +30,11 @@ impl Write for Tee {
     }
 }
 
-fn run_cases(cases: &str, minutes: u64, extra_env: &[(&str, &str)]) {
-    let host = MicroVmHost::detect().expect("microVM host");
-    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/shim-ctr.sh");
-    let mut cmd = LabCommand::new(&[script.to_string_lossy().as_ref()])
-        .timeout(Duration::from_secs(minutes * 60))
-        .env("HULL_SHIM_CASES", cases);
+/// A script of this repository (path from the tests crate) with the
+/// artifacts' variables, `extra_env` and a time limit.
+fn script_cmd(script: &str, minutes: u64, extra_env: &[(&str, &str)]) -> LabCommand {
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
+    let mut cmd = LabCommand::new(&[script.to_string_lossy().as_ref()]).timeout(Duration::from_secs(minutes * 60));
     for var in ["HULL_KERNEL", "HULL_INITRAMFS", "HULL_BIN_DIR", "HOME"] {
         if let Ok(v) = std::env::var(var) {
             cmd = cmd.env(var, &v);
@@ -44,6 +43,14 @@ fn run_cases(cases: &str, minutes: u64, extra_env: &[(&str, &str)]) {
     for (k, v) in extra_env {
         cmd = cmd.env(k, v);
     }
+    cmd
+}
+
+fn run_cases(cases: &str, minutes: u64, extra_env: &[(&str, &str)]) {
+    let host = MicroVmHost::detect().expect("microVM host");
+    let mut env = vec![("HULL_SHIM_CASES", cases)];
+    env.extend_from_slice(extra_env);
+    let cmd = script_cmd("scripts/shim-ctr.sh", minutes, &env);
     let (status, stdout) = match &host {
         MicroVmHost::Lab(lab) => {
             // One more try only if the lab machine itself failed (its
@@ -93,4 +100,20 @@ fn no_leaks_after_create_start_delete_cycles() {
     // 15 s a cycle, plus 12 min for the rest (a hung cycle alone takes 5).
     let minutes = 12 + cycles.parse::<u64>().unwrap_or(100) / 4;
     run_cases("leaks", minutes, &[("HULL_LEAK_CYCLES", &cycles), ("HULL_LEAK_BATCH", &batch)]);
+}
+
+/// The README's main job (`scripts/run.sh` runs scripts/demo-ctr.sh) as a
+/// user runs it: two containers through a private containerd, the second
+/// restored from the VM template the first one built.
+#[test]
+fn the_main_job_runs_two_containers_through_containerd() {
+    let host = MicroVmHost::detect().expect("microVM host");
+    let out = host.run(&script_cmd("../scripts/demo-ctr.sh", 10, &[])).expect("run demo-ctr.sh");
+    let stdout = out.stdout_str();
+    assert_eq!(out.status, 0, "demo-ctr.sh on {}:\n{stdout}\n{}", host.name(), out.stderr_str());
+    for id in ["demo1", "demo2"] {
+        assert!(stdout.contains(&format!("hello from container {id} in a hull microVM")), "{stdout}");
+    }
+    assert!(stdout.contains("demo: shim: pod demo2: restored from the template"), "{stdout}");
+    assert!(stdout.ends_with("demo: ok\n"), "{stdout}");
 }
