@@ -15,18 +15,11 @@ work="$(mktemp -d /tmp/hull-demo.XXXXXX)"
 state="/run/hull-demo.$$"
 IMG=docker.io/library/hull-demo:latest
 
-mkdir -p "$work/bin"
-ln -s "$HULL_BIN_DIR/containerd-shim-hull-v2" "$work/bin/containerd-shim-hull-v2"
-export PATH="$work/bin:$PATH"
-virtiofsd="$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")"
-export HULL_CONFIG="$work/config.toml"
-cat >"$HULL_CONFIG" <<EOT
-[paths]
-kernel = "$HULL_KERNEL"
-initramfs = "$HULL_INITRAMFS"
-hull_vmm = "$HULL_BIN_DIR/hull-vmm"
-virtiofsd = "$virtiofsd"
-state_dir = "$state"
+# The shim on PATH, HULL_CONFIG, hull_paths.
+. "$root/tests/scripts/hull-shim-env.sh"
+{
+    hull_paths
+    cat <<EOT
 
 [defaults]
 vcpus = 1
@@ -35,6 +28,7 @@ disks_per_pod = 1
 disk_size_mib = 256
 disk_pool_size = 2
 EOT
+} >"$HULL_CONFIG"
 
 # A private containerd; `ctrd` talks to it. It inherits PATH and HULL_CONFIG
 # and passes them to the shim.
@@ -69,7 +63,10 @@ run() {
         sh -c 'echo "hello from container $(hostname) in a hull microVM (guest kernel $(uname -r))"' </dev/null 2>&1)"; then
         echo "demo: ctr run $1 failed: $out" >&2
         echo "--- containerd log (hull lines, last 30) ---" >&2
-        grep -a 'hull\|shim' "$HULL_CTRD_DIR/containerd.log" | tail -n 30 >&2
+        grep -a "hull\|shim\|pod $1" "$HULL_CTRD_DIR/containerd.log" | tail -n 30 >&2
+        # The shim logs a failed pod's guest console and hull-vmm tail.
+        grep -a -n 'failed; guest console' "$HULL_CTRD_DIR/containerd.log" | tail -n 1 | cut -d: -f1 |
+            while read -r l; do sed -n "${l},$((l + 45))p" "$HULL_CTRD_DIR/containerd.log" >&2; done
         return 1
     fi
     ms=$((($(date +%s%N) - t0) / 1000000))

@@ -436,6 +436,13 @@ impl HullTask {
                 r.pid
             }
             Err(e) => {
+                // A guest that stops answering leaves no other trace: its
+                // console and hull-vmm's output go away with the pod.
+                crate::sandbox::log_tails(
+                    &sandbox.id,
+                    &sandbox.paths,
+                    &format!("container {id}: CreateContainer ({e}) failed"),
+                );
                 release(&shared);
                 return Err(agent_err(e));
             }

@@ -43,20 +43,12 @@ check_contains() {
 }
 
 # --- the shim, its config, containerd ------------------------------------
-mkdir -p "$work/bin"
-ln -s "$HULL_BIN_DIR/containerd-shim-hull-v2" "$work/bin/containerd-shim-hull-v2"
-export PATH="$work/bin:$PATH"
-virtiofsd="$(command -v virtiofsd || echo "$HOME/.cargo/bin/virtiofsd")"
-export HULL_CONFIG="$work/config.toml"
+. "$root/tests/scripts/hull-shim-env.sh"
 # write_config [KERNEL [READY_TIMEOUT [EXTRA_DEFAULTS_LINE]]]; DISKS = disks_per_pod.
 write_config() {
-    cat > "$HULL_CONFIG" <<EOT
-[paths]
-kernel = "${1:-$HULL_KERNEL}"
-initramfs = "$HULL_INITRAMFS"
-hull_vmm = "$HULL_BIN_DIR/hull-vmm"
-virtiofsd = "$virtiofsd"
-state_dir = "$state"
+    {
+        hull_paths "${1:-}"
+        cat <<EOT
 
 [defaults]
 vcpus = 1
@@ -70,6 +62,7 @@ agent_call_timeout_secs = 120
 log_level = "debug"
 ${3:-}
 EOT
+    } >"$HULL_CONFIG"
 }
 write_config
 # containerd inherits PATH and HULL_CONFIG and passes them to the shims.
