@@ -607,7 +607,7 @@ impl Env {
             *d.idle_cpu_by_thread.entry(name).or_default() = delta / secs / d.running.max(1) as f64;
         }
         let template_inodes = template_memory_inodes(&self.state.join("templates"));
-        for (pid, kind) in procs() {
+        for (pid, kind) in hull {
             match proc_mem(pid, &kind, &template_inodes) {
                 Ok(m) => d.procs.push(m),
                 Err(e) => d.errors.push(format!("{kind} {pid}: {e:#}")),
